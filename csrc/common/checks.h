@@ -1,0 +1,48 @@
+// Input validation shared by the CPU and CUDA glue: every op checks its tensors here once, with messages
+// that name the argument and the expected/actual value, and gets back a filled params struct together
+// with the tensors that own the memory the struct points to.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+#include <vector>
+
+#include "params.h"
+
+namespace sdcore {
+
+struct AttentionCall {
+  at::Tensor q, k, v, out;
+  AttentionParams p;
+};
+
+struct GroupNormCall {
+  at::Tensor x, y, gamma, beta;
+  GroupNormParams p;
+};
+
+struct StepCall {
+  at::Tensor model_output, sample, noise, out, state;
+  std::vector<at::Tensor> history;
+  StepParams p;
+};
+
+// Number of entries in the packed `coeffs` list of scheduler_step (StepCoeffs minus the history).
+constexpr int64_t kStepCoeffCount = 10;
+
+DType dtype_of(const at::Tensor& t, const char* op, const char* arg);
+
+AttentionCall prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                                std::optional<double> scale);
+
+GroupNormCall prepare_group_norm(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias, double eps, bool silu);
+
+StepCall prepare_step(const at::Tensor& model_output, const at::Tensor& sample, c10::ArrayRef<double> coeffs,
+                      at::TensorList history, c10::ArrayRef<double> history_coeffs,
+                      const std::optional<at::Tensor>& noise, std::optional<double> guidance_scale,
+                      bool return_state);
+
+}  // namespace sdcore

@@ -1,0 +1,113 @@
+// Flash attention on the CPU: per (batch, head, block of query rows), stream over blocks of keys with an
+// online softmax, so memory stays O(N*D) (the N x M score matrix never exists). The two block products
+// run on the BLAS that torch links (MKL / OpenBLAS) through at::native::cpublas; the softmax runs on the
+// vectorized leaf loops of vec.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/math.h"
+#include "blas.h"
+#include "vec.h"
+
+namespace sdcore {
+namespace cpu {
+namespace {
+
+// Query rows per task and keys per block. 64 x 512 scores (128 KB) stay in L2 next to the K/V blocks.
+constexpr int64_t kBlockN = 64;
+constexpr int64_t kBlockM = 512;
+
+void attention_f32(const AttentionParams& p) {
+  const float* q = static_cast<const float*>(p.q);
+  const float* k = static_cast<const float*>(p.k);
+  const float* v = static_cast<const float*>(p.v);
+  float* o = static_cast<float*>(p.o);
+  const int64_t D = p.d, N = p.n, M = p.m;
+  const int64_t n_blocks = (N + kBlockN - 1) / kBlockN;
+  const int64_t tasks = p.batch * p.heads * n_blocks;
+
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(kBlockN * kBlockM);
+    std::vector<float> acc(kBlockN * D);
+    std::vector<float> row_max(kBlockN), row_sum(kBlockN), factor(kBlockN);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t nb = task % n_blocks;
+      const int64_t bh = task / n_blocks;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const int64_t n0 = nb * kBlockN;
+      const int64_t rows = std::min(kBlockN, N - n0);
+      const float* qb = q + b * p.q_stride_b + h * p.q_stride_h + n0 * p.q_stride_n;
+      const float* kh = k + b * p.k_stride_b + h * p.k_stride_h;
+      const float* vh = v + b * p.v_stride_b + h * p.v_stride_h;
+
+      std::fill(acc.begin(), acc.begin() + rows * D, 0.0f);
+      std::fill(row_max.begin(), row_max.end(), -INFINITY);
+      std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+      // Causal: the last row of this block sees keys up to n0 + rows - 1.
+      const int64_t m_end = p.causal ? std::min(M, n0 + rows) : M;
+
+      for (int64_t m0 = 0; m0 < m_end; m0 += kBlockM) {
+        const int64_t cols = std::min(kBlockM, m_end - m0);
+        // scores[r, j] = scale * q[n0+r] . k[m0+j]   (row-major rows x cols; BLAS is column-major, so this
+        // is scores^T = K_blk * Q_blk^T)
+        sgemm(true, false, cols, rows, D, p.scale,
+                                  kh + m0 * p.k_stride_m, p.k_stride_m, qb, p.q_stride_n, 0.0f, scores.data(),
+                                  cols);
+        bool rescale = false;
+        for (int64_t r = 0; r < rows; ++r) {
+          float* s = scores.data() + r * cols;
+          // Keys a causal row may not see are dropped from its softmax (their weight is exactly 0).
+          const int64_t visible = p.causal ? std::clamp<int64_t>(n0 + r - m0 + 1, 0, cols) : cols;
+          float f = 1.0f;
+          if (visible > 0) {
+            f = online_softmax_rescale(row_max[r], row_sum[r], cpu::row_max(s, visible));
+            row_sum[r] += exp_sub_sum(s, visible, row_max[r]);
+          }
+          std::fill(s + visible, s + cols, 0.0f);
+          factor[r] = f;
+          rescale |= f != 1.0f;
+        }
+        if (rescale) {
+          for (int64_t r = 0; r < rows; ++r) {
+            if (factor[r] != 1.0f) scale_row(acc.data() + r * D, D, factor[r]);
+          }
+        }
+        // acc += P * V_blk   (acc^T = V_blk^T * P^T in column-major terms)
+        sgemm(false, false, D, rows, cols, 1.0f,
+                                  vh + m0 * p.v_stride_m, p.v_stride_m, scores.data(), cols, 1.0f, acc.data(), D);
+      }
+      float* ob = o + b * p.o_stride_b + h * p.o_stride_h + n0 * p.o_stride_n;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
+        const float* a = acc.data() + r * D;
+        float* dst = ob + r * p.o_stride_n;
+        for (int64_t d = 0; d < D; ++d) dst[d] = a[d] * inv;
+      }
+    }
+  });
+}
+
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                         std::optional<double> scale) {
+  AttentionCall c = prepare_attention(q, k, v, causal, scale);
+  if (c.p.dtype == DType::kFloat32) {
+    attention_f32(c.p);
+    return c.out;
+  }
+  // Half precision on the CPU: compute in float32 (the accumulation precision anyway), round once.
+  AttentionCall f = prepare_attention(c.q.to(at::kFloat), c.k.to(at::kFloat), c.v.to(at::kFloat), causal, scale);
+  attention_f32(f.p);
+  c.out.copy_(f.out);
+  return c.out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sdcore
+
+TORCH_LIBRARY_IMPL(sdcore, CPU, m) { m.impl("attention", &sdcore::cpu::attention_cpu); }

@@ -1,0 +1,146 @@
+// GroupNorm (+ fused SiLU) on the CPU. Each (batch, group) is one task: its statistics come from one
+// vectorized pass (shifted sums folded into Welford states), then one pass writes
+// act(x * scale_c + shift_c) while the group is still in cache. channels_last groups are strided
+// columns, so there the statistics are per-channel sums over pixel blocks, merged into groups.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../common/math.h"
+#include "vec.h"
+
+namespace sdcore {
+namespace cpu {
+namespace {
+
+// Per-channel scale/shift of one group so the apply pass is a single multiply-add per element.
+void channel_affine(const GroupNormParams& p, const Welford<double>& w, int64_t c0, int64_t cg, float* scale,
+                    float* shift) {
+  const double rstd = 1.0 / std::sqrt(w.variance() + static_cast<double>(p.eps));
+  for (int64_t i = 0; i < cg; ++i) {
+    const double g = p.gamma ? p.gamma[c0 + i] : 1.0;
+    const double bta = p.beta ? p.beta[c0 + i] : 0.0;
+    scale[i] = static_cast<float>(rstd * g);
+    shift[i] = static_cast<float>(bta - w.mean * rstd * g);
+  }
+}
+
+void group_norm_nchw(const GroupNormParams& p) {
+  const float* x = static_cast<const float*>(p.x);
+  float* y = static_cast<float*>(p.y);
+  const int64_t cg = p.channels / p.groups, hw = p.hw;
+  at::parallel_for(0, p.batch * p.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(cg), shift(cg);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task % p.groups;
+      const int64_t offset = task * cg * hw;  // (b * C + g * cg) * hw
+      // Welford over per-channel chunks: each chunk's sums are taken around its first element.
+      Welford<double> w;
+      for (int64_t i = 0; i < cg; ++i) {
+        const float* row = x + offset + i * hw;
+        double s = 0, q = 0;
+        shifted_sums(row, hw, row[0], s, q);
+        w.merge(welford_from_shifted_sums<double>(row[0], s, q, static_cast<double>(hw)));
+      }
+      channel_affine(p, w, g * cg, cg, scale.data(), shift.data());
+      for (int64_t i = 0; i < cg; ++i) {
+        affine_act(x + offset + i * hw, y + offset + i * hw, hw, scale[i], shift[i], p.silu);
+      }
+    }
+  });
+}
+
+void group_norm_nhwc(const GroupNormParams& p) {
+  const float* x = static_cast<const float*>(p.x);
+  float* y = static_cast<float*>(p.y);
+  const int64_t C = p.channels, G = p.groups, cg = C / G, hw = p.hw;
+  // Pixels per partial-sum block: float sums over at most this many values, then folded into double.
+  constexpr int64_t kPixels = 256;
+  const int64_t blocks = (hw + kPixels - 1) / kPixels;
+  std::vector<double> scale_shift(2 * p.batch * C);
+
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const float* xb = x + b * hw * C;
+    // Statistics: per-channel shifted sums, each thread over its own pixel blocks.
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+    std::vector<std::vector<Welford<double>>> partial(threads, std::vector<Welford<double>>(C));
+    std::vector<float> shift0(xb, xb + C);  // first pixel: the shift for every channel's sums
+    at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+      std::vector<float> sum(C), sumsq(C);
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        for (int64_t blk = t; blk < blocks; blk += threads) {
+          const int64_t p0 = blk * kPixels, np = std::min(kPixels, hw - p0);
+          std::fill(sum.begin(), sum.end(), 0.0f);
+          std::fill(sumsq.begin(), sumsq.end(), 0.0f);
+          channel_sums(xb + p0 * C, np, C, shift0.data(), sum.data(), sumsq.data());
+          for (int64_t c = 0; c < C; ++c) {
+            partial[t][c].merge(welford_from_shifted_sums<double>(shift0[c], sum[c], sumsq[c], np));
+          }
+        }
+      }
+    });
+    std::vector<float> scale(cg), shift(cg);
+    for (int64_t g = 0; g < G; ++g) {
+      Welford<double> w;
+      for (int64_t t = 0; t < threads; ++t) {
+        for (int64_t i = 0; i < cg; ++i) w.merge(partial[t][g * cg + i]);
+      }
+      channel_affine(p, w, g * cg, cg, scale.data(), shift.data());
+      for (int64_t i = 0; i < cg; ++i) {
+        scale_shift[2 * (b * C + g * cg + i)] = scale[i];
+        scale_shift[2 * (b * C + g * cg + i) + 1] = shift[i];
+      }
+    }
+  }
+
+  // Apply: one multiply-add (+ SiLU) per element, pixel rows in parallel.
+  at::parallel_for(0, p.batch * hw, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(C), shift(C);
+    int64_t loaded_b = -1;
+    for (int64_t px = begin; px < end; ++px) {
+      const int64_t b = px / hw;
+      if (b != loaded_b) {
+        for (int64_t c = 0; c < C; ++c) {
+          scale[c] = static_cast<float>(scale_shift[2 * (b * C + c)]);
+          shift[c] = static_cast<float>(scale_shift[2 * (b * C + c) + 1]);
+        }
+        loaded_b = b;
+      }
+      affine_act_channels(x + px * C, y + px * C, C, scale.data(), shift.data(), p.silu);
+    }
+  });
+}
+
+void group_norm_f32(const GroupNormParams& p) {
+  if (p.channels_last) {
+    group_norm_nhwc(p);
+  } else {
+    group_norm_nchw(p);
+  }
+}
+
+at::Tensor group_norm_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, double eps, bool silu) {
+  GroupNormCall c = prepare_group_norm(x, num_groups, weight, bias, eps, silu);
+  if (c.p.dtype == DType::kFloat32) {
+    group_norm_f32(c.p);
+    return c.y;
+  }
+  // Half precision on the CPU: float32 statistics and math, one rounding at the end; .to() keeps the
+  // memory format, so channels_last stays channels_last.
+  GroupNormCall f = prepare_group_norm(c.x.to(at::kFloat), num_groups, c.gamma, c.beta, eps, silu);
+  group_norm_f32(f.p);
+  c.y.copy_(f.y);
+  return c.y;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sdcore
+
+TORCH_LIBRARY_IMPL(sdcore, CPU, m) { m.impl("group_norm", &sdcore::cpu::group_norm_cpu); }

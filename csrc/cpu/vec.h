@@ -1,0 +1,34 @@
+// CPU leaf loops over float arrays. Each is compiled twice (AVX2+FMA and baseline x86-64) and picked at
+// load time, so one build runs fast on any x86-64 machine without -march=native.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/params.h"
+
+namespace sdcore {
+namespace cpu {
+
+// max_j x[j]
+float row_max(const float* x, int64_t n);
+// x[j] = exp(x[j] - sub); returns sum_j x[j]
+float exp_sub_sum(float* x, int64_t n, float sub);
+// x[j] *= s
+void scale_row(float* x, int64_t n, float s);
+// sum_j (x[j]-shift) and sum_j (x[j]-shift)^2, accumulated in double across float chunks
+void shifted_sums(const float* x, int64_t n, float shift, double& sum, double& sumsq);
+// y[j] = act(x[j] * scale + shift), act = SiLU or identity
+void affine_act(const float* x, float* y, int64_t n, float scale, float shift, bool silu);
+// One channels_last pixel row: y[c] = act(x[c] * scale[c] + shift[c])
+void affine_act_channels(const float* x, float* y, int64_t channels, const float* scale, const float* shift,
+                         bool silu);
+// Per-channel sums over `pixels` rows of a channels_last block: sum[c] += x[p,c]-shift[c], sumsq[c] += (..)^2
+void channel_sums(const float* x, int64_t pixels, int64_t channels, const float* shift, float* sum,
+                  float* sumsq);
+// A denoising step over n elements (see StepCoeffs); uncond == cond without guidance, h[i]/z are
+// zero-filled buffers where unused, state may be null.
+void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
+                const float* const* h, const float* z, float* out, float* state, int64_t n);
+
+}  // namespace cpu
+}  // namespace sdcore

@@ -1,0 +1,51 @@
+// Torch glue for the CUDA kernels: validate once (csrc/common/checks), run on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../common/checks.h"
+#include "launch.h"
+
+namespace sdcore {
+namespace {
+
+cudaStream_t stream_for(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
+                          std::optional<double> scale) {
+  c10::cuda::CUDAGuard guard(q.device());
+  AttentionCall c = prepare_attention(q, k, v, causal, scale);
+  C10_CUDA_CHECK(cuda::attention(c.p, stream_for(q)));
+  return c.out;
+}
+
+at::Tensor group_norm_cuda(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, double eps, bool silu) {
+  c10::cuda::CUDAGuard guard(x.device());
+  GroupNormCall c = prepare_group_norm(x, num_groups, weight, bias, eps, silu);
+  C10_CUDA_CHECK(cuda::group_norm(c.p, stream_for(x)));
+  return c.y;
+}
+
+std::tuple<at::Tensor, at::Tensor> scheduler_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
+                                                       at::ArrayRef<double> coeffs, at::TensorList history,
+                                                       at::ArrayRef<double> history_coeffs,
+                                                       const std::optional<at::Tensor>& noise,
+                                                       std::optional<double> guidance_scale, bool return_state) {
+  c10::cuda::CUDAGuard guard(sample.device());
+  StepCall c = prepare_step(model_output, sample, coeffs, history, history_coeffs, noise, guidance_scale,
+                            return_state);
+  C10_CUDA_CHECK(cuda::scheduler_step(c.p, stream_for(sample)));
+  return {c.out, c.state};
+}
+
+}  // namespace
+}  // namespace sdcore
+
+TORCH_LIBRARY_IMPL(sdcore, CUDA, m) {
+  m.impl("attention", &sdcore::attention_cuda);
+  m.impl("group_norm", &sdcore::group_norm_cuda);
+  m.impl("scheduler_step", &sdcore::scheduler_step_cuda);
+}

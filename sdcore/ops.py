@@ -1,0 +1,135 @@
+"""sdcore's ops: one public function per op, dispatched to the current backend (see
+:func:`sdcore.use_backend`). The ``kernels`` backend calls the compiled ``torch.ops.sdcore.*`` ops, which
+have fake (meta) implementations here so they trace under ``torch.compile`` and CUDA graphs."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend, _ext, reference
+from .step import StepCoefficients
+
+__all__ = ["attention", "group_norm", "scheduler_step", "kernels_reason"]
+
+
+def kernels_reason(*tensors: torch.Tensor) -> str | None:
+    """None when the ``kernels`` backend can serve these tensors, else the reason it can't."""
+    error = _ext.load_error()
+    if error is not None:
+        return error
+    t = tensors[0]
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+        return "the kernels are inference-only and an input requires grad"
+    if t.device.type == "cpu":
+        return None
+    if t.device.type == "cuda":
+        return _ext.cuda_device_reason(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return f"no sdcore kernels for device type {t.device.type!r}"
+
+
+def _pick(op: str, *tensors) -> str:
+    backend = _backend.get_backend()
+    if backend == "kernels":
+        reason = kernels_reason(*tensors)
+        if reason is not None:
+            _backend.note_fallback(op, reason)
+            return "torch"
+    return backend
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              scale: float | None = None) -> torch.Tensor:
+    """Multi-head attention softmax(scale * q k^T) v without materializing the N x M scores.
+
+    q: [B, H, N, D]; k, v: [B, H, M, D]; returns [B, H, N, D] (contiguous). ``scale`` defaults to
+    1/sqrt(D). ``causal`` masks key j > query i (top-left aligned, like SDPA's is_causal).
+    float32/float16/bfloat16 with float32 accumulation; D up to 512.
+    """
+    backend = _pick("attention", q, k, v)
+    if backend == "kernels":
+        return torch.ops.sdcore.attention(q, k, v, causal, scale)
+    if backend == "torch":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return reference.attention(q, k, v, causal=causal, scale=scale)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, eps: float = 1e-5, *, silu: bool = False) -> torch.Tensor:
+    """GroupNorm over [B, C, *spatial] with float32 statistics, optionally followed by SiLU in the same
+    pass. NCHW and channels_last inputs; the output keeps the input's memory format."""
+    backend = _pick("group_norm", x, weight, bias)
+    if backend == "kernels":
+        return torch.ops.sdcore.group_norm(x, num_groups, weight, bias, eps, silu)
+    if backend == "torch":
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+        return F.silu(y) if silu else y
+    return reference.group_norm(x, num_groups, weight, bias, eps, silu=silu)
+
+
+def scheduler_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: StepCoefficients, *,
+                   history=(), noise: torch.Tensor | None = None, guidance_scale: float | None = None,
+                   return_state: bool = True):
+    """One fused denoising step (see :mod:`sdcore.step`): classifier-free guidance on the [2B, ...] UNet
+    output when ``guidance_scale`` is given (uncond first), the prediction-type conversion and the
+    update. Returns ``(next_sample, state)``; ``state`` is None when ``return_state`` is False."""
+    history = tuple(history)
+    if len(history) != len(coeffs.history):
+        raise ValueError(f"scheduler_step: {len(history)} history tensors for {len(coeffs.history)} "
+                         "history coefficients")
+    backend = _pick("scheduler_step", sample, model_output, *history)
+    if backend == "kernels":
+        out, state = torch.ops.sdcore.scheduler_step(model_output, sample, coeffs.packed(), list(history),
+                                                     list(coeffs.history), noise, guidance_scale, return_state)
+        return out, (state if return_state else None)
+    if backend == "torch":
+        return _torch_step(model_output, sample, coeffs, history, noise, guidance_scale, return_state)
+    return reference.scheduler_step(model_output, sample, coeffs, history=history, noise=noise,
+                                    guidance_scale=guidance_scale, return_state=return_state)
+
+
+def _torch_step(model_output, sample, c, history, noise, guidance_scale, return_state):
+    """The unfused chain a diffusers pipeline + scheduler runs: one torch op per term."""
+    m = model_output
+    if guidance_scale is not None:
+        uncond, cond = m.chunk(2)
+        m = uncond + guidance_scale * (cond - uncond)
+    x0 = c.x0_from_sample * sample + c.x0_from_output * m
+    if c.clip > 0:
+        x0 = x0.clamp(-c.clip, c.clip)
+    out = c.next_from_sample * sample + c.next_from_output * m + c.next_from_x0 * x0
+    for weight, h in zip(c.history, history):
+        out = out + weight * h
+    if c.next_from_noise != 0:
+        out = out + c.next_from_noise * noise
+    state = None
+    if return_state:
+        state = c.state_from_sample * sample + c.state_from_output * m + c.state_from_x0 * x0
+    return out, state
+
+
+def _output_format(x: torch.Tensor) -> torch.memory_format:
+    # Mirrors prepare_group_norm in csrc/common/checks.cpp.
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+if _ext.load_error() is None:
+
+    @torch.library.register_fake("sdcore::attention")
+    def _attention_fake(q, k, v, causal=False, scale=None):
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("sdcore::group_norm")
+    def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
+        return torch.empty_like(x, memory_format=_output_format(x))
+
+    @torch.library.register_fake("sdcore::scheduler_step")
+    def _scheduler_step_fake(model_output, sample, coeffs, history, history_coeffs, noise=None,
+                             guidance_scale=None, return_state=True):
+        out = sample.new_empty(sample.shape)
+        state = sample.new_empty(sample.shape) if return_state else sample.new_empty((0,))
+        return out, state

@@ -1,0 +1,84 @@
+"""Plain, readable PyTorch for every sdcore op: the slow, obviously-right path that the kernels are
+checked against. Half-precision inputs are computed in float32 (float64 stays float64) and the result
+is returned in the input dtype."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .step import StepCoefficients
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale * q k^T [+ causal mask]) v. q [B,H,N,D], k/v [B,H,M,D]. The causal mask is
+    top-left aligned: query i sees keys j <= i."""
+    out_dtype = q.dtype
+    dtype = _compute_dtype(out_dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = scale * (q @ k.transpose(-1, -2))
+    if causal:
+        n, m = scores.shape[-2:]
+        visible = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).to(out_dtype)
+
+
+def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, silu: bool = False):
+    """Two-pass GroupNorm: mean, then the mean of squared deviations, per (batch, group); optional SiLU.
+    The output keeps x's memory format."""
+    dtype = _compute_dtype(x.dtype)
+    b, c = x.shape[:2]
+    xf = x.to(dtype).reshape(b, num_groups, -1)
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = ((xf - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = ((xf - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(dtype).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(dtype).reshape(shape)
+    if silu:
+        y = y * torch.sigmoid(y)
+    fmt = _memory_format(x)
+    return y.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def _memory_format(x) -> torch.memory_format:
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def scheduler_step(model_output, sample, coeffs: StepCoefficients, *, history=(), noise=None,
+                   guidance_scale: float | None = None, return_state: bool = True):
+    """One denoising step, term by term (see :class:`sdcore.step.StepCoefficients`)."""
+    dtype = _compute_dtype(sample.dtype)
+    x = sample.to(dtype)
+    if guidance_scale is not None:
+        uncond, cond = model_output.to(dtype).chunk(2)
+        m = uncond + guidance_scale * (cond - uncond)
+    else:
+        m = model_output.to(dtype)
+    x0 = coeffs.x0_from_sample * x + coeffs.x0_from_output * m
+    if coeffs.clip > 0:
+        x0 = x0.clamp(-coeffs.clip, coeffs.clip)
+    out = coeffs.next_from_sample * x + coeffs.next_from_output * m + coeffs.next_from_x0 * x0
+    for weight, h in zip(coeffs.history, history):
+        out = out + weight * h.to(dtype)
+    if coeffs.next_from_noise != 0:
+        out = out + coeffs.next_from_noise * noise.to(dtype)
+    state = None
+    if return_state:
+        state = (coeffs.state_from_sample * x + coeffs.state_from_output * m + coeffs.state_from_x0 * x0)
+        state = state.to(sample.dtype)
+    return out.to(sample.dtype), state
