@@ -7,73 +7,19 @@ Environment:
   TORCH_CUDA_ARCH_LIST     e.g. "8.0;9.0+PTX" (default: sm_80 and sm_90 + PTX).
   MAX_JOBS                 parallel compile jobs (ninja), as torch defines it.
   CUDA_HOME                toolkit root; found automatically when unset (also behind an nvcc wrapper).
+  SDCORE_SKIP_EXTENSION=1  package only, no compile: `make` builds the extension in place with ninja
+                           (incrementally) and then registers the editable package this way.
 """
 import glob
 import os
-import re
-import shutil
 import sys
-import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from cuda_env import extra_cuda_include_dirs, find_cuda_home  # noqa: E402
 DEFAULT_ARCHS = "8.0;9.0+PTX"
-
-
-def _is_toolkit_root(path):
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and (
-        glob.glob(os.path.join(path, "lib64", "libcudart.so*"))
-        or glob.glob(os.path.join(path, "lib", "libcudart.so*"))
-        or glob.glob(os.path.join(path, "targets", "*", "lib", "libcudart.so*"))
-    )
-
-
-def _nvcc_behind(path, depth=0):
-    """Follow symlinks and `exec /real/nvcc` wrapper scripts to the real nvcc binary."""
-    path = os.path.realpath(path)
-    if depth > 4 or not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if not head.startswith(b"#!"):
-        return path
-    for match in re.finditer(rb"(/[^\s\"'$;]+/nvcc)\b", head):
-        target = match.group(1).decode()
-        if os.path.realpath(target) != path and os.path.isfile(target):
-            return _nvcc_behind(target, depth + 1)
-    return None
-
-
-def find_cuda_home():
-    """The toolkit root: $CUDA_HOME if valid, else the root behind the nvcc on PATH, else /usr/local/cuda*."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = _nvcc_behind(nvcc)
-        if real:
-            candidates.append(os.path.dirname(os.path.dirname(real)))
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in candidates:
-        if _is_toolkit_root(c):
-            return os.path.realpath(c)
-    return None
-
-
-def extra_cuda_include_dirs():
-    """pip's nvidia-* wheels ship headers (cusparse.h, cublas_v2.h, ...) that torch's CUDA headers include
-    but a bare toolkit may lack."""
-    dirs = []
-    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path}:
-        if base and os.path.isdir(base):
-            dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "include")))
-            dirs += sorted(glob.glob(os.path.join(base, "nvidia", "*", "include")))
-    seen, out = set(), []
-    for d in dirs:
-        if d not in seen and os.path.isfile(os.path.join(d, "cusparse.h")):
-            seen.add(d)
-            out.append(d)
-    return out
 
 
 def cuda_request():
@@ -122,7 +68,7 @@ def build_extension():
         return CppExtension("sdcore._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    cxx += ["-DSDCORE_WITH_CUDA", f'-DSDCORE_CUDA_ARCHS="{archs}"']
+    cxx += ["-DSDCORE_WITH_CUDA", f'-DSDCORE_CUDA_ARCHS="{archs.replace(";", " ")}"']
     cxx += [f"-idirafter{d}" for d in extra_cuda_include_dirs()]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills"]
     return CUDAExtension("sdcore._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
@@ -135,7 +81,7 @@ setup(
     description="Stable Diffusion on fused CUDA/CPU kernels, with a plain-PyTorch reference path",
     packages=find_packages(include=["sdcore", "sdcore.*"]),
     package_data={"sdcore": ["py.typed"]},
-    ext_modules=[build_extension()],
+    ext_modules=[] if os.environ.get("SDCORE_SKIP_EXTENSION") == "1" else [build_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],

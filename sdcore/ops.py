@@ -117,19 +117,33 @@ def _output_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _check_devices(op: str, **tensors) -> None:
+    # A mix of devices can dispatch to the fake kernel (meta wins), which must not hand back a silent result.
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise RuntimeError(f"sdcore.{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                               "all inputs must be on one device")
+
+
 if _ext.load_error() is None:
 
     @torch.library.register_fake("sdcore::attention")
     def _attention_fake(q, k, v, causal=False, scale=None):
+        _check_devices("attention", q=q, k=k, v=v)
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("sdcore::group_norm")
     def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
+        _check_devices("group_norm", x=x, weight=weight, bias=bias)
         return torch.empty_like(x, memory_format=_output_format(x))
 
     @torch.library.register_fake("sdcore::scheduler_step")
     def _scheduler_step_fake(model_output, sample, coeffs, history, history_coeffs, noise=None,
                              guidance_scale=None, return_state=True):
+        _check_devices("scheduler_step", sample=sample, model_output=model_output, noise=noise,
+                       **{f"history[{i}]": h for i, h in enumerate(history)})
         out = sample.new_empty(sample.shape)
         state = sample.new_empty(sample.shape) if return_state else sample.new_empty((0,))
         return out, state

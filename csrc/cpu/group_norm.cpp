@@ -18,15 +18,21 @@ namespace sdcore {
 namespace cpu {
 namespace {
 
-// Per-channel scale/shift of one group so the apply pass is a single multiply-add per element.
-void channel_affine(const GroupNormParams& p, const Welford<double>& w, int64_t c0, int64_t cg, float* scale,
-                    float* shift) {
+// Per-channel affine of one group: y = (x - center) * scale + shift, with center = the mean rounded to
+// float and shift = beta - (mean - center) * scale. Folding the whole mean into shift instead would round
+// mean * scale to float and lose |mean| / std digits.
+struct ChannelAffine {
+  float center, scale, shift;
+};
+
+void channel_affine(const GroupNormParams& p, const Welford<double>& w, int64_t c0, int64_t cg, ChannelAffine* out) {
   const double rstd = 1.0 / std::sqrt(w.variance() + static_cast<double>(p.eps));
+  const float center = static_cast<float>(w.mean);
+  const double rest = w.mean - static_cast<double>(center);
   for (int64_t i = 0; i < cg; ++i) {
-    const double g = p.gamma ? p.gamma[c0 + i] : 1.0;
-    const double bta = p.beta ? p.beta[c0 + i] : 0.0;
-    scale[i] = static_cast<float>(rstd * g);
-    shift[i] = static_cast<float>(bta - w.mean * rstd * g);
+    const double scale = rstd * (p.gamma ? p.gamma[c0 + i] : 1.0);
+    const double beta = p.beta ? p.beta[c0 + i] : 0.0;
+    out[i] = {center, static_cast<float>(scale), static_cast<float>(beta - rest * scale)};
   }
 }
 
@@ -35,7 +41,7 @@ void group_norm_nchw(const GroupNormParams& p) {
   float* y = static_cast<float*>(p.y);
   const int64_t cg = p.channels / p.groups, hw = p.hw;
   at::parallel_for(0, p.batch * p.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scale(cg), shift(cg);
+    std::vector<ChannelAffine> affine(cg);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task % p.groups;
       const int64_t offset = task * cg * hw;  // (b * C + g * cg) * hw
@@ -47,9 +53,10 @@ void group_norm_nchw(const GroupNormParams& p) {
         shifted_sums(row, hw, row[0], s, q);
         w.merge(welford_from_shifted_sums<double>(row[0], s, q, static_cast<double>(hw)));
       }
-      channel_affine(p, w, g * cg, cg, scale.data(), shift.data());
+      channel_affine(p, w, g * cg, cg, affine.data());
       for (int64_t i = 0; i < cg; ++i) {
-        affine_act(x + offset + i * hw, y + offset + i * hw, hw, scale[i], shift[i], p.silu);
+        const ChannelAffine& a = affine[i];
+        affine_act(x + offset + i * hw, y + offset + i * hw, hw, a.center, a.scale, a.shift, p.silu);
       }
     }
   });
@@ -62,7 +69,7 @@ void group_norm_nhwc(const GroupNormParams& p) {
   // Pixels per partial-sum block: float sums over at most this many values, then folded into double.
   constexpr int64_t kPixels = 256;
   const int64_t blocks = (hw + kPixels - 1) / kPixels;
-  std::vector<double> scale_shift(2 * p.batch * C);
+  std::vector<ChannelAffine> affine(p.batch * C);
 
   for (int64_t b = 0; b < p.batch; ++b) {
     const float* xb = x + b * hw * C;
@@ -84,34 +91,31 @@ void group_norm_nhwc(const GroupNormParams& p) {
         }
       }
     });
-    std::vector<float> scale(cg), shift(cg);
     for (int64_t g = 0; g < G; ++g) {
       Welford<double> w;
       for (int64_t t = 0; t < threads; ++t) {
         for (int64_t i = 0; i < cg; ++i) w.merge(partial[t][g * cg + i]);
       }
-      channel_affine(p, w, g * cg, cg, scale.data(), shift.data());
-      for (int64_t i = 0; i < cg; ++i) {
-        scale_shift[2 * (b * C + g * cg + i)] = scale[i];
-        scale_shift[2 * (b * C + g * cg + i) + 1] = shift[i];
-      }
+      channel_affine(p, w, g * cg, cg, affine.data() + b * C + g * cg);
     }
   }
 
-  // Apply: one multiply-add (+ SiLU) per element, pixel rows in parallel.
+  // Apply: one subtract and multiply-add (+ SiLU) per element, pixel rows in parallel.
   at::parallel_for(0, p.batch * hw, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> scale(C), shift(C);
+    std::vector<float> center(C), scale(C), shift(C);
     int64_t loaded_b = -1;
     for (int64_t px = begin; px < end; ++px) {
       const int64_t b = px / hw;
       if (b != loaded_b) {
         for (int64_t c = 0; c < C; ++c) {
-          scale[c] = static_cast<float>(scale_shift[2 * (b * C + c)]);
-          shift[c] = static_cast<float>(scale_shift[2 * (b * C + c) + 1]);
+          const ChannelAffine& a = affine[b * C + c];
+          center[c] = a.center;
+          scale[c] = a.scale;
+          shift[c] = a.shift;
         }
         loaded_b = b;
       }
-      affine_act_channels(x + px * C, y + px * C, C, scale.data(), shift.data(), p.silu);
+      affine_act_channels(x + px * C, y + px * C, C, center.data(), scale.data(), shift.data(), p.silu);
     }
   });
 }

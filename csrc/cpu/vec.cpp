@@ -102,24 +102,25 @@ SDCORE_MULTIVERSION void shifted_sums(const float* x, int64_t n, float shift, do
   }
 }
 
-SDCORE_MULTIVERSION void affine_act(const float* x, float* y, int64_t n, float scale, float shift, bool silu) {
+SDCORE_MULTIVERSION void affine_act(const float* x, float* y, int64_t n, float center, float scale, float shift,
+                                    bool silu) {
   if (silu) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] = fast_silu(x[j] * scale + shift);
+    for (int64_t j = 0; j < n; ++j) y[j] = fast_silu((x[j] - center) * scale + shift);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] = x[j] * scale + shift;
+    for (int64_t j = 0; j < n; ++j) y[j] = (x[j] - center) * scale + shift;
   }
 }
 
-SDCORE_MULTIVERSION void affine_act_channels(const float* x, float* y, int64_t channels, const float* scale,
-                                             const float* shift, bool silu) {
+SDCORE_MULTIVERSION void affine_act_channels(const float* x, float* y, int64_t channels, const float* center,
+                                             const float* scale, const float* shift, bool silu) {
   if (silu) {
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) y[c] = fast_silu(x[c] * scale[c] + shift[c]);
+    for (int64_t c = 0; c < channels; ++c) y[c] = fast_silu((x[c] - center[c]) * scale[c] + shift[c]);
   } else {
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) y[c] = x[c] * scale[c] + shift[c];
+    for (int64_t c = 0; c < channels; ++c) y[c] = (x[c] - center[c]) * scale[c] + shift[c];
   }
 }
 

@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make test   install what is missing, build the extension (incrementally), run the whole test suite
+#   make demo   the same build, then the main job (for now: `sdcore validate`, kernels vs reference)
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TEST_DEPS := pytest ninja numpy diffusers transformers safetensors
+
+.PHONY: all deps build test demo bench clean
+
+all: build
+
+# Everything is installed into the active Python environment, and only when missing.
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch
+	@$(PYTHON) -c "import pytest, ninja, numpy, diffusers, transformers, safetensors" 2>/dev/null || \
+		$(PIP) install $(TEST_DEPS)
+
+# ninja rebuilds only what changed; the editable install (no compile) provides the `sdcore` command.
+build: deps
+	$(PYTHON) setup.py -q build_ext --inplace
+	@SDCORE_SKIP_EXTENSION=1 $(PIP) install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v "as the 'root' user" || true
+
+test: build
+	$(PYTHON) -m pytest -q tests
+
+demo: build
+	$(PYTHON) -m sdcore info
+	$(PYTHON) -m sdcore validate
+
+bench: build
+	$(PYTHON) bench/ops.py --device cpu
+
+clean:
+	rm -rf build sdcore/_C*.so *.egg-info

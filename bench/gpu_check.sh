@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One prepared GPU check, for a machine with a GPU and torch already installed (no network needed):
+# builds the extension for this card, runs the CUDA tests, compute-sanitizer on a small run of every op,
+# `sdcore validate --device cuda` and the op benchmarks, writing logs and JSON to OUTDIR. < 8 minutes.
+#   bench/gpu_check.sh OUTDIR
+set -uo pipefail
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+
+step "device"
+nvidia-smi | tee "$OUT/nvidia-smi.txt"
+cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+# Only this card's arch: a build for every arch would eat the time budget.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+step "build (archs $TORCH_CUDA_ARCH_LIST)"
+if ! SDCORE_CUDA=1 timeout 300 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+grep -i "spill\|warning" "$OUT/build.log" | grep -v "^$" | head -20 > "$OUT/build_warnings.txt"
+$PY -m sdcore info | tee "$OUT/info.txt"
+
+step "CUDA tests"
+timeout 240 $PY -m pytest -q -x tests -k cuda -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
+tail -5 "$OUT/tests.log"
+
+step "compute-sanitizer memcheck"
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 $PY bench/sanitize_ops.py > "$OUT/sanitizer.log" 2>&1 \
+  || status=1
+tail -4 "$OUT/sanitizer.log"
+
+step "validate"
+timeout 120 $PY -m sdcore validate --device cuda > "$OUT/validate.txt" 2>&1 || status=1
+tail -3 "$OUT/validate.txt"
+
+step "bench fp16"
+timeout 150 $PY bench/ops.py --device cuda --dtype fp16 --json "$OUT/bench_fp16.json" | tee "$OUT/bench_fp16.txt" \
+  || status=1
+step "copy bandwidth"
+$PY - <<'PY' | tee "$OUT/copy_bandwidth.txt"
+import torch
+x = torch.empty(1 << 28, dtype=torch.float16, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+torch.cuda.synchronize(); s.record()
+for _ in range(20): y.copy_(x)
+e.record(); torch.cuda.synchronize()
+ms = s.elapsed_time(e) / 20
+print(f"device copy: {2 * x.numel() * 2 / ms / 1e6:.0f} GB/s (read + write, 512 MiB buffers)")
+PY
+step "done (status $status)"
+exit $status

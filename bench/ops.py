@@ -1,0 +1,159 @@
+"""Times every sdcore op on the Stable Diffusion shapes, kernels vs torch vs reference, side by side.
+
+    python bench/ops.py --device cpu            # fp32 on the CPU
+    python bench/ops.py --device cuda --json out.json   # fp16 on the GPU, numbers also as JSON
+
+Median of repeats after warm-up; CUDA times come from CUDA events. `speedup` = torch time / kernels time.
+GB/s counts the bytes an op must move (inputs read once, outputs written once); GFLOP/s counts 4*N*M*D
+per head for attention (half that when causal).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sdcore  # noqa: E402
+from sdcore import ops, schedulers  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REFERENCE_LIMIT_BYTES = 1 << 30  # skip the reference where its materialized scores would exceed 1 GiB
+
+
+def timeit(fn, device: str, repeat: int, warmup: int = 2) -> float:
+    """Median milliseconds of fn()."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def attention_cases(dev, dtype, quick):
+    shapes = [
+        ("SD1 64x64 self", 2, 8, 4096, 4096, 40, False),
+        ("SD1 64x64 cross", 2, 8, 4096, 77, 40, False),
+        ("N4096 D80 self", 2, 8, 4096, 4096, 80, False),
+        ("SD1 32x32 self", 2, 8, 1024, 1024, 80, False),
+        ("SD1 16x16 self", 2, 8, 256, 256, 160, False),
+        ("SD2 64x64 self", 2, 5, 4096, 4096, 64, False),
+        ("VAE mid 512^2", 1, 1, 4096, 4096, 512, False),
+        ("CLIP-L causal", 2, 12, 77, 77, 64, True),
+    ]
+    if quick:
+        shapes = [s for s in shapes if s[3] * s[4] <= 1024 * 1024 or s[0].startswith("SD1 64x64 self")]
+    for name, b, h, n, m, d, causal in shapes:
+        q, k, v = (torch.randn(b, h, length, d, device=dev, dtype=dtype) for length in (n, m, m))
+        flops = 4 * b * h * n * m * d * (0.5 if causal else 1.0)
+        ref_bytes = b * h * n * m * 4 * 3  # scores, softmax, mask/temporaries
+        yield dict(op="attention", shape=f"{name} B{b} H{h} N{n} M{m} D{d}", flops=flops, bytes=None,
+                   fn=lambda q=q, k=k, v=v, c=causal: ops.attention(q, k, v, causal=c),
+                   reference_ok=ref_bytes <= REFERENCE_LIMIT_BYTES)
+
+
+def group_norm_cases(dev, dtype, quick):
+    shapes = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 2560, 8, 8), (1, 512, 128, 128),
+              (1, 256, 256, 256)]
+    if not quick:
+        shapes.append((1, 128, 512, 512))
+    for shape in shapes:
+        for fmt_name, fmt in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
+            x = torch.randn(*shape, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+            w, b = torch.randn(shape[1], device=dev, dtype=dtype), torch.randn(shape[1], device=dev, dtype=dtype)
+            yield dict(op="group_norm+silu", shape="x".join(map(str, shape)) + " " + fmt_name, flops=None,
+                       bytes=2 * x.numel() * x.element_size(),
+                       fn=lambda x=x, w=w, b=b: ops.group_norm(x, 32, w, b, 1e-5, silu=True), reference_ok=True)
+
+
+def step_cases(dev, dtype, quick):
+    cases = [("DDIM CFG", schedulers.ddim(0.3, 0.45), 1, 64), ("Euler-a CFG", schedulers.euler_ancestral(4.0, 3.1), 1, 64),
+             ("DPM++2M CFG", schedulers.dpmpp_2m(4.0, 3.1, 5.0), 1, 64), ("DPM++2M CFG", schedulers.dpmpp_2m(4.0, 3.1, 5.0), 4, 96)]
+    for name, c, batch, hw in cases:
+        shape = (batch, 4, hw, hw)
+        mo = torch.randn((2 * batch, 4, hw, hw), device=dev, dtype=dtype)
+        x = torch.randn(shape, device=dev, dtype=dtype)
+        hist = [torch.randn(shape, device=dev, dtype=dtype) for _ in c.history]
+        noise = torch.randn(shape, device=dev, dtype=dtype) if c.next_from_noise else None
+        tensors = 2 + 1 + len(hist) + (noise is not None) + 2  # model output (2B), x, history, noise, out, state
+        yield dict(op="scheduler_step", shape=f"{name} {batch}x4x{hw}x{hw}", flops=None,
+                   bytes=tensors * x.numel() * x.element_size(),
+                   fn=lambda mo=mo, x=x, c=c, h=hist, z=noise: ops.scheduler_step(mo, x, c, history=h, noise=z,
+                                                                                guidance_scale=7.5),
+                   reference_ok=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp32 on cpu, fp16 on cuda")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 5 cpu, 50 cuda)")
+    p.add_argument("--ops", default="attention,group_norm,scheduler_step", help="comma-separated subset")
+    p.add_argument("--quick", action="store_true", help="fewer, smaller attention and GroupNorm shapes")
+    p.add_argument("--json", type=Path, help="also write the numbers here")
+    args = p.parse_args(argv)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    dtype = DTYPES[args.dtype or ("fp32" if dev == "cpu" else "fp16")]
+    repeat = args.repeat or (5 if dev == "cpu" else 50)
+    torch.manual_seed(0)
+    machine = (torch.cuda.get_device_name() if dev == "cuda" else
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"# sdcore bench/ops.py  device={dev} ({machine})  dtype={dtype}  torch={torch.__version__}  "
+          f"median of {repeat}")
+    gens = {"attention": attention_cases, "group_norm": group_norm_cases, "scheduler_step": step_cases}
+    rows = []
+    head = (f"{'op':<16} {'shape':<40} {'kernels ms':>11} {'torch ms':>10} {'reference ms':>13} {'speedup':>8} "
+            f"{'kernels rate':>14}")
+    print(head)
+    print("-" * len(head))
+    for name in args.ops.split(","):
+        for case in gens[name](dev, dtype, args.quick):
+            t = {}
+            for backend in ("kernels", "torch", "reference"):
+                if backend == "reference" and not case["reference_ok"]:
+                    t[backend] = None
+                    continue
+                with sdcore.use_backend(backend):
+                    t[backend] = timeit(case["fn"], dev, repeat if backend != "reference" else max(1, repeat // 2))
+            rate = ""
+            if case["flops"]:
+                rate = f"{case['flops'] / t['kernels'] / 1e6:.1f} GFLOP/s"
+            elif case["bytes"]:
+                rate = f"{case['bytes'] / t['kernels'] / 1e6:.1f} GB/s"
+            speedup = t["torch"] / t["kernels"]
+            ref = f"{t['reference']:.3f}" if t["reference"] is not None else "skipped"
+            print(f"{case['op']:<16} {case['shape']:<40} {t['kernels']:>11.3f} {t['torch']:>10.3f} {ref:>13} "
+                  f"{speedup:>7.2f}x {rate:>14}", flush=True)
+            rows.append(dict(op=case["op"], shape=case["shape"], kernels_ms=t["kernels"], torch_ms=t["torch"],
+                             reference_ms=t["reference"], speedup=speedup, flops=case["flops"],
+                             bytes=case["bytes"]))
+    if args.json:
+        args.json.write_text(json.dumps(dict(device=dev, machine=machine, dtype=str(dtype), torch=torch.__version__,
+                                             repeat=repeat, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Runs each CUDA op once on small, awkward shapes so compute-sanitizer (memcheck) can watch every access:
+    compute-sanitizer --tool memcheck python bench/sanitize_ops.py
+Exits non-zero if a result disagrees with the reference."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdcore import ops, reference, schedulers  # noqa: E402
+
+
+def main() -> int:
+    dev = "cuda"
+    g = torch.Generator().manual_seed(0)
+    bad = 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for n, m, d, causal in [(97, 77, 40, False), (33, 33, 59, True), (130, 65, 512, False), (1, 1, 80, False),
+                                (70, 70, 160, True), (200, 200, 64, False)]:
+            q, k, v = (torch.randn(1, 2, length, d, generator=g).to(dev, dtype) for length in (n, m, m))
+            out = ops.attention(q, k, v, causal=causal)
+            ref = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            bad += not err < 2e-2
+            print(f"attention {dtype} N{n} M{m} D{d} causal={causal}: rel err {err:.2e}")
+        for shape, groups, cl in [((2, 64, 9, 11), 8, False), ((2, 64, 9, 11), 8, True), ((1, 6, 1, 1), 3, False),
+                                  ((1, 320, 64, 64), 32, True)]:
+            x = torch.randn(*shape, generator=g).to(dev, dtype)
+            x = x.contiguous(memory_format=torch.channels_last) if cl else x
+            out = ops.group_norm(x, groups, silu=True)
+            ref = reference.group_norm(x.double(), groups, silu=True)
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            bad += not err < 2e-2
+            print(f"group_norm {dtype} {shape} nhwc={cl}: rel err {err:.2e}")
+        c = schedulers.dpmpp_2m(4.0, 3.0, 5.0)
+        x = torch.randn(1, 4, 7, 9, generator=g).to(dev, dtype)
+        mo = torch.randn(2, 4, 7, 9, generator=g).to(dev, dtype)
+        h = torch.randn(1, 4, 7, 9, generator=g).to(dev, dtype)
+        out, state = ops.scheduler_step(mo, x, c, history=[h], guidance_scale=7.5)
+        ref, _ = reference.scheduler_step(mo.double(), x.double(), c, history=[h.double()], guidance_scale=7.5)
+        err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+        bad += not err < 2e-2
+        print(f"scheduler_step {dtype}: rel err {err:.2e}")
+    torch.cuda.synchronize()
+    print("FAILED" if bad else "all ops ran")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The build: CUDA kernels are compiled wherever a toolkit and a CUDA torch exist (GPU or not), and the
+CMake build of the same sources produces a library torch can load."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdcore import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import cuda_env  # noqa: E402
+
+
+def test_cpu_kernels_are_built():
+    assert _ext.build_info()["cpu"]
+
+
+@pytest.mark.skipif(os.environ.get("SDCORE_CUDA") == "0", reason="SDCORE_CUDA=0 asked for a CPU-only build")
+def test_cuda_kernels_are_built_when_a_toolkit_is_present():
+    if torch.version.cuda is None or cuda_env.find_cuda_home() is None:
+        pytest.skip(f"no CUDA toolkit or CPU-only torch ({torch.__version__}): nothing to compile CUDA with")
+    info = _ext.build_info()
+    assert info["cuda"], "a CUDA toolkit and a CUDA torch are present, but the extension was built CPU-only"
+    assert info["cuda_archs"], "the build must record its CUDA archs"
+
+
+def test_arch_matching():
+    # sm_90 runs sm_90 SASS; sm_89 runs sm_80 SASS (same major); sm_100 runs only PTX.
+    info = {"cpu": True, "cuda": True, "cuda_archs": ["8.0", "9.0+PTX"], "built_with_torch": "x", "error": None}
+    _ext.build_info.cache_clear()
+    _ext.cuda_device_reason.cache_clear()
+    orig_info, orig_cap = _ext.build_info, torch.cuda.get_device_capability
+    try:
+        _ext.build_info = lambda: info
+        for cap, ok in [((9, 0), True), ((8, 9), True), ((10, 0), True), ((7, 5), False)]:
+            torch.cuda.get_device_capability = lambda i, cap=cap: cap
+            reason = _ext.cuda_device_reason.__wrapped__(0)
+            assert (reason is None) == ok, (cap, reason)
+        info["cuda_archs"] = ["8.0", "9.0"]
+        torch.cuda.get_device_capability = lambda i: (10, 0)
+        assert "compiled for 8.0;9.0" in _ext.cuda_device_reason.__wrapped__(0)
+    finally:
+        _ext.build_info = orig_info
+        torch.cuda.get_device_capability = orig_cap
+
+
+def test_cmake_build_loads_and_runs(tmp_path):
+    build = tmp_path / "cmake"
+    args = ["cmake", "-S", str(ROOT), "-B", str(build),
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", "-DCMAKE_BUILD_TYPE=Release"]
+    home = cuda_env.find_cuda_home()
+    if torch.version.cuda is not None and home is not None:
+        # torch's CMake config of a CUDA build looks for the toolkit even for a CPU-only target.
+        args += [f"-DCUDA_TOOLKIT_ROOT_DIR={home}", f"-DCUDAToolkit_ROOT={home}"]
+    subprocess.run(args, check=True, capture_output=True, text=True)
+    done = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    lib = build / "libsdcore_ops.so"
+    assert lib.exists()
+    # A fresh interpreter: the library registers the same op names as sdcore._C.
+    code = textwrap.dedent(f"""
+        import torch
+        torch.ops.load_library({str(lib)!r})
+        assert "cpu=1" in torch.ops.sdcore.build_info()
+        q = torch.randn(1, 2, 33, 40)
+        out = torch.ops.sdcore.attention(q, q, q, False, None)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), q.double(), q.double())
+        assert (out.double() - ref).abs().max() < 1e-5, "wrong result"
+        x = torch.randn(2, 32, 5, 5)
+        y = torch.ops.sdcore.group_norm(x, 8, None, None, 1e-5, True)
+        r = torch.nn.functional.silu(torch.nn.functional.group_norm(x.double(), 8))
+        assert (y.double() - r).abs().max() < 1e-5, "wrong result"
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]

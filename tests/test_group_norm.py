@@ -1,0 +1,105 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdcore import ops, reference
+
+from conftest import check_precision, devices
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _run(shape, groups, device, dtype, *, silu=True, channels_last=False, affine=True, eps=1e-5, offset=0.5,
+         seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=g) * 2 + offset).to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    w = torch.randn(shape[1], generator=g).to(device, dtype) if affine else None
+    b = torch.randn(shape[1], generator=g).to(device, dtype) if affine else None
+    out = ops.group_norm(x, groups, w, b, eps, silu=silu)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert out.stride() == x.stride(), "output must keep the input's memory format"
+    dbl = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = reference.group_norm(x.double(), groups, dbl(w), dbl(b), eps, silu=silu)
+    torch_out = F.group_norm(x, groups, w, b, eps)
+    torch_out = F.silu(torch_out) if silu else torch_out
+    return check_precision(out, torch_out, ref, dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 2560, 8, 8),
+                                   (2, 1920, 16, 16), (2, 960, 32, 32)])
+def test_unet_shapes(poisoned, device, dtype, channels_last, shape):
+    _run(shape, 32, device, dtype, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_transformer_proj_in_norm_without_silu(poisoned, device, channels_last):
+    _run((2, 320, 64, 64), 32, device, torch.float32, silu=False, eps=1e-6, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,channels_last", [((1, 512, 128, 128), True), ((1, 256, 256, 256), False)])
+def test_vae_decoder_shapes(poisoned, device, dtype, shape, channels_last):
+    _run(shape, 32, device, dtype, eps=1e-6, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_vae_1024_output_block(device, channels_last):
+    # 128 ch x 1024 x 1024: the largest GroupNorm in SD (134 M elements). Also checks that statistics
+    # over 4 M elements per group stay accurate.
+    _run((1, 128, 1024, 1024), 32, device, torch.float32, eps=1e-6, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,groups", [((3, 4, 9, 11), 2), ((1, 6, 1, 1), 3), ((5, 64, 97, 1), 8),
+                                          ((2, 30, 7, 13), 30), ((1, 64, 8, 8), 1)])
+def test_awkward_shapes(poisoned, device, dtype, channels_last, shape, groups):
+    _run(shape, groups, device, dtype, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("shape", [(2, 32), (2, 32, 50), (1, 32, 4, 5, 6)])
+def test_other_ranks(poisoned, device, shape):
+    _run(shape, 8, device, torch.float32)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_channels_last_3d(poisoned, device):
+    _run((1, 32, 4, 5, 6), 8, device, torch.float32, channels_last=True)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("affine", [False, True])
+def test_large_mean_small_variance(poisoned, device, affine):
+    # |mean| / std = 1e4: the naive E[x^2] - E[x]^2 in float32 loses every digit here.
+    _run((2, 64, 32, 32), 32, device, torch.float32, offset=1e4, affine=affine, silu=False)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_dense_input_gives_contiguous_output(poisoned, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 16, 32, generator=g).to(device)[..., ::2]
+    out = ops.group_norm(x, 8, silu=True)
+    assert out.is_contiguous()
+    ref = reference.group_norm(x.double(), 8, silu=True)
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_half_input_with_float32_affine(poisoned, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 8, 8, generator=g).to(device, torch.float16)
+    w, b = torch.randn(64, generator=g).to(device), torch.randn(64, generator=g).to(device)
+    out = ops.group_norm(x, 32, w, b, silu=True)
+    ref = reference.group_norm(x.double(), 32, w.double(), b.double(), silu=True)
+    assert out.dtype == torch.float16
+    assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 2e-3

@@ -1,0 +1,64 @@
+"""torch.library.opcheck on every op (schema, fake/meta kernel, dispatch), and one torch.compile."""
+import pytest
+import torch
+
+from sdcore import ops, schedulers
+
+from conftest import devices
+
+
+def _attention_samples(device):
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    yield (mk(2, 3, 17, 40), mk(2, 3, 77, 40), mk(2, 3, 77, 40), False, None)
+    yield (mk(1, 2, 77, 64), mk(1, 2, 77, 64), mk(1, 2, 77, 64), True, 0.2)
+    yield (mk(1, 1, 33, 512).half(), mk(1, 1, 20, 512).half(), mk(1, 1, 20, 512).half(), False, None)
+    q = mk(1, 9, 2, 16).transpose(1, 2)
+    yield (q, q, q, False, None)
+
+
+def _group_norm_samples(device):
+    g = torch.Generator().manual_seed(1)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    yield (mk(2, 32, 8, 8), 8, mk(32), mk(32), 1e-5, True)
+    yield (mk(2, 32, 8, 8).to(memory_format=torch.channels_last), 4, None, None, 1e-6, False)
+    yield (mk(1, 16, 5, 7).bfloat16(), 16, mk(16).bfloat16(), None, 1e-5, True)
+
+
+def _step_samples(device):
+    g = torch.Generator().manual_seed(2)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    c = schedulers.dpmpp_2m(4.0, 3.0, 5.0)
+    yield (mk(2, 4, 8, 8), mk(1, 4, 8, 8), c.packed(), [mk(1, 4, 8, 8)], list(c.history), None, 7.5, True)
+    c = schedulers.ddim(0.3, 0.5, eta=1.0)
+    yield (mk(1, 4, 8, 8), mk(1, 4, 8, 8), c.packed(), [], [], mk(1, 4, 8, 8), None, False)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("op,samples", [
+    ("attention", _attention_samples), ("group_norm", _group_norm_samples), ("scheduler_step", _step_samples)])
+def test_opcheck(device, op, samples):
+    for args in samples(device):
+        torch.library.opcheck(getattr(torch.ops.sdcore, op).default, args)
+
+
+def _block(x, w, b, q, k, v, mo, sample):
+    """A UNet-ish slice: GroupNorm+SiLU, attention, a scheduler step."""
+    h = ops.group_norm(x, 8, w, b, silu=True)
+    a = ops.attention(q, k, v)
+    out, x0 = ops.scheduler_step(mo, sample, schedulers.ddim(0.3, 0.5), guidance_scale=7.5)
+    return h.sum() + a.sum(), out, x0
+
+
+@pytest.mark.parametrize("device", devices())
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    args = (mk(2, 32, 8, 8), mk(32), mk(32), mk(1, 2, 33, 40), mk(1, 2, 77, 40), mk(1, 2, 77, 40),
+            mk(2, 4, 8, 8), mk(1, 4, 8, 8))
+    compiled = torch.compile(_block, fullgraph=True, backend="aot_eager")
+    got = compiled(*args)
+    want = _block(*args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

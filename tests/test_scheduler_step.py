@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from sdcore import StepCoefficients, ops, reference, schedulers
+
+from conftest import check_precision, devices
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _tensors(shape, n_hist, noise, cfg, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mo_shape = (2 * shape[0],) + tuple(shape[1:]) if cfg else shape
+    mk = lambda s: (torch.randn(s, generator=g)).to(device, dtype)  # noqa: E731
+    return mk(mo_shape), mk(shape) * 3, [mk(shape) for _ in range(n_hist)], (mk(shape) if noise else None)
+
+
+COEFFS = {
+    "all-terms": StepCoefficients(0.9, -1.3, 0.0, 0.7, 0.2, 0.5, 0.3, 0.1, -0.4, 1.1, (0.25, -0.5, 0.125, 0.75)),
+    "clip": StepCoefficients(1.5, -2.0, 1.0, 0.1, 0.2, 0.9, 0.0, 0.0, 0.0, 1.0, (0.3,)),
+    "ddim": schedulers.ddim(0.3, 0.45),
+    "ddim-eta": schedulers.ddim(0.3, 0.45, eta=0.7),
+    "euler-v": schedulers.euler(4.0, 3.1, prediction_type="v_prediction"),
+    "dpmpp2m": schedulers.dpmpp_2m(4.0, 3.1, 5.0),
+}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(COEFFS))
+@pytest.mark.parametrize("cfg", [7.5, None], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("shape", [(1, 4, 64, 64), (2, 4, 96, 96), (3, 4, 7, 9)])
+def test_matches_reference(poisoned, device, dtype, name, cfg, shape):
+    c = COEFFS[name]
+    mo, x, hist, noise = _tensors(shape, len(c.history), c.next_from_noise != 0, cfg is not None, device, dtype)
+    out, state = ops.scheduler_step(mo, x, c, history=hist, noise=noise, guidance_scale=cfg)
+    assert out.shape == x.shape and state.shape == x.shape and out.dtype == dtype
+    dbl = lambda t: None if t is None else t.double()  # noqa: E731
+    ref_out, ref_state = reference.scheduler_step(dbl(mo), dbl(x), c, history=[dbl(h) for h in hist],
+                                                  noise=dbl(noise), guidance_scale=cfg)
+    from sdcore import use_backend
+    with use_backend("torch"):
+        t_out, t_state = ops.scheduler_step(mo, x, c, history=hist, noise=noise, guidance_scale=cfg)
+    check_precision(out, t_out, ref_out, dtype)
+    check_precision(state, t_state, ref_state, dtype)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_without_state(poisoned, device):
+    c = COEFFS["ddim"]
+    mo, x, _, _ = _tensors((1, 4, 8, 8), 0, False, True, device, torch.float32)
+    out, state = ops.scheduler_step(mo, x, c, guidance_scale=5.0, return_state=False)
+    assert state is None
+    ref, _ = reference.scheduler_step(mo.double(), x.double(), c, guidance_scale=5.0)
+    assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_non_contiguous_inputs(poisoned, device):
+    c = COEFFS["all-terms"]
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(8, 2, 4, 16, 16, generator=g).to(device)
+    mo, x = big[:2, 0], big[2:3, 1].transpose(-1, -2)
+    hist = [big[3 + i, :1] for i in range(4)]
+    noise = big[7, 1:].transpose(-1, -2)
+    out, state = ops.scheduler_step(mo, x, c, history=hist, noise=noise, guidance_scale=3.0)
+    ref_out, ref_state = reference.scheduler_step(mo.double(), x.double(), c, history=[h.double() for h in hist],
+                                                  noise=noise.double(), guidance_scale=3.0)
+    assert (out.double() - ref_out).abs().max() < 1e-5 * ref_out.abs().max()
+    assert (state.double() - ref_state).abs().max() < 1e-5 * ref_state.abs().max()
+
+
+# --- The op expresses real samplers: whole trajectories against diffusers' schedulers -------------------
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: `make test` installs it")
+
+
+def _diffusers_trajectory(scheduler, model, sample, steps, guidance, seed):
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = sample.clone() * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+        out = model(inp, t)
+        uncond, cond = out.chunk(2)
+        guided = uncond + guidance * (cond - uncond)
+        x = scheduler.step(guided, t, x, generator=g, return_dict=False)[0]
+    return x
+
+
+def _fake_unet(x, t):
+    """A deterministic stand-in for the UNet: depends on the input and the timestep."""
+    t = float(t)
+    return torch.cat([torch.tanh(x[:1] * 0.7 + 0.001 * t), torch.sin(x[1:] * 0.5 - 0.002 * t)])
+
+
+def _config():
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                steps_offset=1)
+
+
+def _sdcore_trajectory(kind, scheduler, sample, steps, guidance, seed, prediction_type):
+    """Drive the fused op with coefficients from sdcore.schedulers, using diffusers' timestep/sigma tables."""
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = sample.clone() * scheduler.init_noise_sigma
+    prev_x0 = None
+    timesteps = list(scheduler.timesteps)
+    ac = scheduler.alphas_cumprod.double()
+    for i, t in enumerate(timesteps):
+        if kind == "ddim":
+            prev_t = int(t) - scheduler.config.num_train_timesteps // steps
+            a_prev = ac[prev_t].item() if prev_t >= 0 else scheduler.final_alpha_cumprod.item()
+            c = schedulers.ddim(ac[int(t)].item(), a_prev, eta=0.0, prediction_type=prediction_type)
+            inp = torch.cat([x, x])
+        else:
+            sig = scheduler.sigmas.double()
+            sigma, sigma_next = sig[i].item(), sig[i + 1].item()
+            if kind == "dpmpp2m":
+                c = schedulers.dpmpp_2m(sigma, sigma_next, sig[i - 1].item() if i > 0 else None,
+                                        prediction_type=prediction_type, second_order=i > 0 and sigma_next > 0)
+                inp = torch.cat([x, x])
+            else:
+                fn = schedulers.euler if kind == "euler" else schedulers.euler_ancestral
+                c = fn(sigma, sigma_next, prediction_type=prediction_type)
+                inp = torch.cat([x, x]) / (sigma**2 + 1) ** 0.5
+        noise = None
+        if c.next_from_noise:
+            noise = torch.randn(x.shape, generator=g)
+        history = [prev_x0] if c.history else []
+        x, prev_x0 = ops.scheduler_step(_fake_unet(inp, t), x, c, history=history, noise=noise,
+                                        guidance_scale=guidance)
+    return x
+
+
+@pytest.mark.parametrize("kind,prediction_type", [
+    ("ddim", "epsilon"), ("ddim", "v_prediction"), ("euler", "epsilon"), ("euler", "v_prediction"),
+    ("euler_a", "epsilon"), ("dpmpp2m", "epsilon"), ("dpmpp2m", "v_prediction")])
+def test_trajectory_matches_diffusers(kind, prediction_type):
+    cfg = dict(_config(), prediction_type=prediction_type)
+    make = {
+        "ddim": lambda: diffusers.DDIMScheduler(**cfg, clip_sample=False, set_alpha_to_one=False),
+        "euler": lambda: diffusers.EulerDiscreteScheduler(**cfg),
+        "euler_a": lambda: diffusers.EulerAncestralDiscreteScheduler(**cfg),
+        "dpmpp2m": lambda: diffusers.DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++",
+                                                                   solver_order=2, lower_order_final=True),
+    }[kind]
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = _diffusers_trajectory(make(), _fake_unet, sample, 12, 7.5, seed=5)
+    got = _sdcore_trajectory(kind, make(), sample, 12, 7.5, seed=5, prediction_type=prediction_type)
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert err < 1e-4, f"{kind}/{prediction_type}: relative error {err:.2e} against diffusers"
