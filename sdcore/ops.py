@@ -107,16 +107,6 @@ def _torch_step(model_output, sample, c, history, noise, guidance_scale, return_
     return out, state
 
 
-def _output_format(x: torch.Tensor) -> torch.memory_format:
-    # Mirrors prepare_group_norm in csrc/common/checks.cpp.
-    if not x.is_contiguous():
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _check_devices(op: str, **tensors) -> None:
     # A mix of devices can dispatch to the fake kernel (meta wins), which must not hand back a silent result.
     named = [(name, t) for name, t in tensors.items() if t is not None]
@@ -137,7 +127,7 @@ if _ext.load_error() is None:
     @torch.library.register_fake("sdcore::group_norm")
     def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
         _check_devices("group_norm", x=x, weight=weight, bias=bias)
-        return torch.empty_like(x, memory_format=_output_format(x))
+        return torch.empty_like(x, memory_format=reference.memory_format_of(x))
 
     @torch.library.register_fake("sdcore::scheduler_step")
     def _scheduler_step_fake(model_output, sample, coeffs, history, history_coeffs, noise=None,

@@ -46,11 +46,13 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *,
         y = y + bias.to(dtype).reshape(shape)
     if silu:
         y = y * torch.sigmoid(y)
-    fmt = _memory_format(x)
+    fmt = memory_format_of(x)
     return y.to(x.dtype).contiguous(memory_format=fmt)
 
 
-def _memory_format(x) -> torch.memory_format:
+def memory_format_of(x) -> torch.memory_format:
+    """The layout group_norm keeps: channels_last(_3d) for such dense inputs, else contiguous (the same
+    rule as prepare_group_norm in csrc/common/checks.cpp)."""
     if not x.is_contiguous():
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
             return torch.channels_last

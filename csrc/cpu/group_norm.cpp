@@ -42,22 +42,20 @@ void group_norm_nchw(const GroupNormParams& p) {
   const int64_t cg = p.channels / p.groups, hw = p.hw;
   at::parallel_for(0, p.batch * p.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<ChannelAffine> affine(cg);
+    std::vector<float> center(cg), scale(cg), shift(cg);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task % p.groups;
-      const int64_t offset = task * cg * hw;  // (b * C + g * cg) * hw
-      // Welford over per-channel chunks: each chunk's sums are taken around its first element.
-      Welford<double> w;
+      const float* xg = x + task * cg * hw;  // the group is contiguous: (b * C + g * cg) * hw
+      double s = 0, q = 0;
+      shifted_sums(xg, cg * hw, xg[0], s, q);
+      channel_affine(p, welford_from_shifted_sums<double>(xg[0], s, q, static_cast<double>(cg * hw)), g * cg, cg,
+                     affine.data());
       for (int64_t i = 0; i < cg; ++i) {
-        const float* row = x + offset + i * hw;
-        double s = 0, q = 0;
-        shifted_sums(row, hw, row[0], s, q);
-        w.merge(welford_from_shifted_sums<double>(row[0], s, q, static_cast<double>(hw)));
+        center[i] = affine[i].center;
+        scale[i] = affine[i].scale;
+        shift[i] = affine[i].shift;
       }
-      channel_affine(p, w, g * cg, cg, affine.data());
-      for (int64_t i = 0; i < cg; ++i) {
-        const ChannelAffine& a = affine[i];
-        affine_act(x + offset + i * hw, y + offset + i * hw, hw, a.center, a.scale, a.shift, p.silu);
-      }
+      affine_act_rows(xg, y + task * cg * hw, cg, hw, center.data(), scale.data(), shift.data(), p.silu);
     }
   });
 }

@@ -17,9 +17,11 @@ float exp_sub_sum(float* x, int64_t n, float sub);
 void scale_row(float* x, int64_t n, float s);
 // sum_j (x[j]-shift) and sum_j (x[j]-shift)^2, accumulated in double across float chunks
 void shifted_sums(const float* x, int64_t n, float shift, double& sum, double& sumsq);
-// y[j] = act((x[j] - center) * scale + shift), act = SiLU or identity. Subtracting the (float-rounded)
-// mean first keeps large-mean inputs exact; shift carries the rest of the mean and the bias.
-void affine_act(const float* x, float* y, int64_t n, float center, float scale, float shift, bool silu);
+// Rows apply y = act((x - center) * scale + shift), act = SiLU or identity. Subtracting the
+// (float-rounded) mean first keeps large-mean inputs exact; shift carries the rest of the mean and the bias.
+// `rows` consecutive rows of n elements, row i with its own center/scale/shift (NCHW channels of a group).
+void affine_act_rows(const float* x, float* y, int64_t rows, int64_t n, const float* center, const float* scale,
+                     const float* shift, bool silu);
 // One channels_last pixel row: y[c] = act((x[c] - center[c]) * scale[c] + shift[c])
 void affine_act_channels(const float* x, float* y, int64_t channels, const float* center, const float* scale,
                          const float* shift, bool silu);
