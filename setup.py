@@ -80,7 +80,7 @@ setup(
     version="0.1.0",
     description="Stable Diffusion on fused CUDA/CPU kernels, with a plain-PyTorch reference path",
     packages=find_packages(include=["sdcore", "sdcore.*"]),
-    package_data={"sdcore": ["py.typed"]},
+    package_data={"sdcore": ["data/*"]},
     ext_modules=[] if os.environ.get("SDCORE_SKIP_EXTENSION") == "1" else [build_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",

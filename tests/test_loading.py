@@ -1,0 +1,39 @@
+"""The bundled CLIP tokenizer: offline, and token for token what CLIP's own BPE produces."""
+import pytest
+
+from sdcore import loading
+
+pytest.importorskip("transformers", reason="transformers is a test dependency: `make test` installs it")
+
+# Expected ids were produced by open_clip's SimpleTokenizer (an independent implementation of CLIP's BPE)
+# on the same merges file.
+CASES = {
+    "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
+    "an astronaut riding a horse on mars, 4k, trending on artstation":
+        [49406, 550, 18376, 6765, 320, 4558, 525, 7496, 267, 275, 330, 267, 6087, 525, 1486, 2631, 49407],
+    "masterpiece, best quality, (highly detailed:1.2), 1girl, blue_hair":
+        [49406, 12066, 267, 949, 3027, 267, 263, 5302, 12609, 281, 272, 269, 273, 2361, 272, 1611, 267, 1746, 318,
+         2225, 49407],
+    "don't stop—believin'": [49406, 847, 713, 1691, 2005, 4972, 530, 262, 49407],
+    "A Photo of a CAT": [49406, 320, 1125, 539, 320, 2368, 49407],
+}
+
+
+@pytest.mark.parametrize("prompt", list(CASES))
+def test_default_tokenizer_matches_clip(prompt):
+    assert loading.default_tokenizer()(prompt).input_ids == CASES[prompt]
+
+
+def test_vocabulary_layout():
+    vocab, merges = loading.clip_vocab_and_merges()
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert vocab["a</w>"] == 320 and vocab["cat</w>"] == 2368
+
+
+def test_padding_and_truncation_to_77():
+    tok = loading.default_tokenizer()
+    ids = tok("x", padding="max_length").input_ids
+    assert len(ids) == 77 and ids[:3] == [49406, 343, 49407] and set(ids[3:]) == {49407}
+    long = tok(" ".join(["cat"] * 200), truncation=True).input_ids
+    assert len(long) == 77 and long[0] == 49406 and long[-1] == 49407
