@@ -39,14 +39,21 @@ def _vp_eps(alpha: float, sigma: float, prediction_type: str) -> tuple[float, fl
 
 
 def ddim(alpha_prod_t: float, alpha_prod_prev: float, *, eta: float = 0.0,
-         prediction_type: str = "epsilon", clip_sample_range: float | None = None) -> StepCoefficients:
+         prediction_type: str = "epsilon", clip_sample_range: float | None = None,
+         use_clipped_model_output: bool = False) -> StepCoefficients:
     """DDIM (Song et al. 2020), eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z with
-    s = eta * sqrt((1 - a_prev)/(1 - a_t) * (1 - a_t/a_prev)). Adds noise when eta > 0."""
+    s = eta * sqrt((1 - a_prev)/(1 - a_t) * (1 - a_t/a_prev)). Adds noise when eta > 0. eps comes from
+    the model output, or from the clipped x0 with ``use_clipped_model_output``."""
     alpha, sigma = math.sqrt(alpha_prod_t), math.sqrt(1.0 - alpha_prod_t)
     xa, xb = _vp_x0(alpha, sigma, prediction_type)
     variance = (1.0 - alpha_prod_prev) / (1.0 - alpha_prod_t) * (1.0 - alpha_prod_t / alpha_prod_prev)
     std = eta * math.sqrt(variance)
     direction = math.sqrt(max(1.0 - alpha_prod_prev - std * std, 0.0))
+    if use_clipped_model_output:  # eps = (x - alpha * x0) / sigma
+        return StepCoefficients(
+            x0_from_sample=xa, x0_from_output=xb, clip=clip_sample_range or 0.0,
+            next_from_sample=direction / sigma, next_from_x0=math.sqrt(alpha_prod_prev) - direction * alpha / sigma,
+            next_from_noise=std, state_from_x0=1.0)
     ea, eb = _vp_eps(alpha, sigma, prediction_type)
     return StepCoefficients(
         x0_from_sample=xa, x0_from_output=xb, clip=clip_sample_range or 0.0,
