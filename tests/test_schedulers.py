@@ -45,6 +45,11 @@ CASES = [
     ("EulerDiscreteScheduler", dict(timestep_spacing="linspace"), {}),
     ("EulerAncestralDiscreteScheduler", {}, {}),
     ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="linspace"), {}),
+    ("DPMSolverMultistepScheduler", {}, {}),
+    ("DPMSolverMultistepScheduler", dict(prediction_type="v_prediction"), {}),
+    ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), {}),
+    ("DPMSolverMultistepScheduler", dict(timestep_spacing="leading"), {}),
+    ("DPMSolverMultistepScheduler", dict(timestep_spacing="trailing", solver_order=1), {}),
 ]
 
 
@@ -98,3 +103,5 @@ def test_unsupported_options_say_so():
         schedulers.DDIMScheduler(thresholding=True)
     with pytest.raises(NotImplementedError, match="linear sigma interpolation"):
         schedulers.EulerDiscreteScheduler(use_karras_sigmas=True)
+    with pytest.raises(NotImplementedError, match="algorithm_type='sde-dpmsolver\\+\\+'"):
+        schedulers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")

@@ -8,7 +8,8 @@ classifier-free guidance into the same pass.
 from .base import Scheduler, SchedulerOutput
 from .coefficients import ddim, dpmpp_2m, euler, euler_ancestral
 from .scheduler_ddim import DDIMScheduler
+from .scheduler_dpm import DPMSolverMultistepScheduler
 from .scheduler_euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 __all__ = ["Scheduler", "SchedulerOutput", "DDIMScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "ddim", "dpmpp_2m", "euler", "euler_ancestral"]
+           "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "ddim", "dpmpp_2m", "euler", "euler_ancestral"]
