@@ -1,4 +1,5 @@
 """The scheduler classes against diffusers': same config in, same trajectory out (CFG folded into the step)."""
+import inspect
 import json
 
 import pytest
@@ -24,13 +25,15 @@ def _run(scheduler, steps, guidance, seed, fused, step_kwargs):
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    if "generator" in inspect.signature(scheduler.step).parameters:  # PNDM's step takes none
+        step_kwargs = dict(step_kwargs, generator=g)
     for t in scheduler.timesteps:
         out = _unet(scheduler.scale_model_input(torch.cat([x, x]), t), t)
         if fused:
-            x = scheduler.step(out, t, x, generator=g, guidance_scale=guidance, **step_kwargs).prev_sample
+            x = scheduler.step(out, t, x, guidance_scale=guidance, **step_kwargs).prev_sample
         else:
             uncond, cond = out.chunk(2)
-            x = scheduler.step(uncond + guidance * (cond - uncond), t, x, generator=g, **step_kwargs).prev_sample
+            x = scheduler.step(uncond + guidance * (cond - uncond), t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -45,6 +48,10 @@ CASES = [
     ("EulerDiscreteScheduler", dict(timestep_spacing="linspace"), {}),
     ("EulerAncestralDiscreteScheduler", {}, {}),
     ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="linspace"), {}),
+    ("PNDMScheduler", {}, {}),
+    ("PNDMScheduler", dict(prediction_type="v_prediction"), {}),
+    ("PNDMScheduler", dict(timestep_spacing="linspace"), {}),
+    ("PNDMScheduler", dict(timestep_spacing="trailing", set_alpha_to_one=True), {}),
     ("DPMSolverMultistepScheduler", {}, {}),
     ("DPMSolverMultistepScheduler", dict(prediction_type="v_prediction"), {}),
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), {}),

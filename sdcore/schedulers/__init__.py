@@ -9,7 +9,8 @@ from .base import Scheduler, SchedulerOutput
 from .coefficients import ddim, dpmpp_2m, euler, euler_ancestral
 from .scheduler_ddim import DDIMScheduler
 from .scheduler_dpm import DPMSolverMultistepScheduler
+from .scheduler_pndm import PNDMScheduler
 from .scheduler_euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
 __all__ = ["Scheduler", "SchedulerOutput", "DDIMScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "ddim", "dpmpp_2m", "euler", "euler_ancestral"]
+           "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "ddim", "dpmpp_2m", "euler", "euler_ancestral"]

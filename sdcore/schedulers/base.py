@@ -46,6 +46,9 @@ class Scheduler:
     # diffusers rounds "linspace" timesteps to integers for DDIM-style schedulers but keeps them fractional
     # for the sigma-interpolating ones.
     round_linspace = True
+    # Whether the op's second output (what the next step keeps) is the x0 prediction, reported as
+    # pred_original_sample.
+    state_is_x0 = True
 
     def __init__(self, **config):
         known = {**COMMON_DEFAULTS, **self.defaults}
@@ -125,7 +128,7 @@ class Scheduler:
         self._step_index = index + 1
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev, state)
+        return SchedulerOutput(prev, state if self.state_is_x0 else None)
 
     def _coefficients(self, index: int, **kwargs) -> tuple[StepCoefficients, list]:
         raise NotImplementedError
