@@ -52,6 +52,8 @@ CASES = [
     ("PNDMScheduler", dict(prediction_type="v_prediction"), {}),
     ("PNDMScheduler", dict(timestep_spacing="linspace"), {}),
     ("PNDMScheduler", dict(timestep_spacing="trailing", set_alpha_to_one=True), {}),
+    ("LMSDiscreteScheduler", {}, {}),
+    ("LMSDiscreteScheduler", dict(prediction_type="v_prediction", timestep_spacing="leading"), {}),
     ("DPMSolverMultistepScheduler", {}, {}),
     ("DPMSolverMultistepScheduler", dict(prediction_type="v_prediction"), {}),
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), {}),
@@ -112,3 +114,14 @@ def test_unsupported_options_say_so():
         schedulers.EulerDiscreteScheduler(use_karras_sigmas=True)
     with pytest.raises(NotImplementedError, match="algorithm_type='sde-dpmsolver\\+\\+'"):
         schedulers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+
+
+@pytest.mark.parametrize("name", list(schedulers.NAMES))
+def test_cli_names(name):
+    s = schedulers.from_name(name, SD15)
+    s.set_timesteps(10)
+    assert s.config["beta_end"] == 0.012 and len(s.timesteps) >= 10
+    if name == "dpm++2m-karras":
+        assert s.config["use_karras_sigmas"]
+    with pytest.raises(ValueError, match="unknown scheduler 'heun'"):
+        schedulers.from_name("heun")

@@ -5,12 +5,35 @@ The classes read diffusers' scheduler_config.json keys and mirror its call signa
 import. ``step(..., guidance_scale=g)`` also takes the batched [uncond; cond] UNet output and folds
 classifier-free guidance into the same pass.
 """
+from __future__ import annotations
+
 from .base import Scheduler, SchedulerOutput
 from .coefficients import ddim, dpmpp_2m, euler, euler_ancestral
 from .scheduler_ddim import DDIMScheduler
 from .scheduler_dpm import DPMSolverMultistepScheduler
+from .scheduler_lms import LMSDiscreteScheduler
 from .scheduler_pndm import PNDMScheduler
 from .scheduler_euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-__all__ = ["Scheduler", "SchedulerOutput", "DDIMScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "ddim", "dpmpp_2m", "euler", "euler_ancestral"]
+# The names `sdcore generate --scheduler` takes: (class, config overrides).
+NAMES = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {}),
+    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "lms": (LMSDiscreteScheduler, {}),
+}
+
+
+def from_name(name: str, config: dict | None = None) -> Scheduler:
+    """A scheduler by its CLI name, on a model's scheduler config (diffusers keys)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(NAMES)}")
+    cls, overrides = NAMES[name]
+    return cls.from_config({**(config or {}), **overrides})
+
+
+__all__ = ["NAMES", "from_name", "Scheduler", "SchedulerOutput", "DDIMScheduler", "EulerDiscreteScheduler",
+           "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "ddim", "dpmpp_2m", "euler", "euler_ancestral"]

@@ -62,7 +62,7 @@ def ddim(alpha_prod_t: float, alpha_prod_prev: float, *, eta: float = 0.0,
         state_from_x0=1.0)
 
 
-def _ve_x0(sigma: float, prediction_type: str) -> tuple[float, float]:
+def ve_x0(sigma: float, prediction_type: str) -> tuple[float, float]:
     """(a, b) with x0 = a * x + b * m for a k-diffusion sample x = x0 + sigma * eps."""
     if prediction_type == "epsilon":
         return 1.0, -sigma
@@ -76,7 +76,7 @@ def _ve_x0(sigma: float, prediction_type: str) -> tuple[float, float]:
 def euler(sigma: float, sigma_next: float, *, prediction_type: str = "epsilon") -> StepCoefficients:
     """Euler step of the probability-flow ODE (Karras et al. 2022, alg. 2 without churn):
     x_next = x + (sigma_next - sigma) * (x - x0) / sigma."""
-    xa, xb = _ve_x0(sigma, prediction_type)
+    xa, xb = ve_x0(sigma, prediction_type)
     dt = sigma_next - sigma
     return StepCoefficients(
         x0_from_sample=xa, x0_from_output=xb,
@@ -85,7 +85,7 @@ def euler(sigma: float, sigma_next: float, *, prediction_type: str = "epsilon") 
 
 def euler_ancestral(sigma: float, sigma_next: float, *, prediction_type: str = "epsilon") -> StepCoefficients:
     """Euler ancestral: an Euler step to sigma_down, then fresh noise of std sigma_up."""
-    xa, xb = _ve_x0(sigma, prediction_type)
+    xa, xb = ve_x0(sigma, prediction_type)
     sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
     sigma_down = math.sqrt(sigma_next**2 - sigma_up**2)
     dt = sigma_down - sigma
