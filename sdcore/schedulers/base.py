@@ -91,6 +91,14 @@ class Scheduler:
             return torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
         raise ValueError(f"timestep_spacing {spacing!r} is not supported (linspace, leading, trailing)")
 
+    def sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """k-diffusion sigmas sqrt((1 - a)/a) at (fractional) timesteps, linearly interpolated."""
+        full = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        lo = timesteps.floor().long().clamp(0, len(full) - 1)
+        hi = (lo + 1).clamp(max=len(full) - 1)
+        w = timesteps - lo.double()
+        return full[lo] * (1 - w) + full[hi] * w
+
     def _index_for(self, timestep) -> int:
         if self._step_index is None:
             t = float(timestep)

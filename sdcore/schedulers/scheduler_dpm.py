@@ -48,10 +48,7 @@ class DPMSolverMultistepScheduler(Scheduler):
             timesteps = _sigma_to_t(sigmas, full.log()).round()
         else:
             timesteps = self.spaced_timesteps(num_inference_steps)
-            lo = timesteps.floor().long().clamp(0, len(full) - 1)
-            hi = (lo + 1).clamp(max=len(full) - 1)
-            w = timesteps - lo.double()
-            sigmas = full[lo] * (1 - w) + full[hi] * w
+            sigmas = self.sigmas_at(timesteps)
         self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         self.timesteps = timesteps.long().to(device)
         self.num_inference_steps = len(timesteps)

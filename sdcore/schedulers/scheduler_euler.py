@@ -20,12 +20,7 @@ class EulerDiscreteScheduler(Scheduler):
     def set_timesteps(self, num_inference_steps: int, device=None):
         self.num_inference_steps = num_inference_steps
         timesteps = self.spaced_timesteps(num_inference_steps)
-        full = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        # Linear interpolation of sigma(t) between the training timesteps.
-        lo = timesteps.floor().long().clamp(0, len(full) - 1)
-        hi = (lo + 1).clamp(max=len(full) - 1)
-        w = timesteps - lo.double()
-        sigmas = full[lo] * (1 - w) + full[hi] * w
+        sigmas = self.sigmas_at(timesteps)
         self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
         self.timesteps = timesteps.float().to(device)
         self._step_index = None
