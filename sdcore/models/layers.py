@@ -1,0 +1,78 @@
+"""Building blocks shared by sdcore's models; every GroupNorm and attention goes through sdcore.ops, so
+sdcore.use_backend() flips the whole model."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameter names) through sdcore.ops.group_norm, with the SiLU that follows it in
+    SD's blocks optionally fused."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, silu: bool = False):
+        super().__init__(num_groups, num_channels, eps)
+        self.silu = silu
+
+    def forward(self, x):
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
+
+
+class ResnetBlock(nn.Module):
+    """norm-SiLU-conv twice, plus a (1x1-projected) skip: diffusers' ResnetBlock2D without time embedding."""
+
+    def __init__(self, cin: int, cout: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, cin, eps, silu=True)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = GroupNorm(groups, cout, eps, silu=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv2(self.norm2(self.conv1(self.norm1(x))))
+        return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-head self-attention over the pixels of a feature map (the VAE mid-block), residual."""
+
+    def __init__(self, channels: int, groups: int, eps: float):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels, eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
+        out = self.to_out[0](ops.attention(q, k, v).squeeze(1))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding right/bottom by one (the VAE encoder's, padding=0 variant)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
