@@ -1,4 +1,5 @@
 """sdcore's models: readable, paper-like modules with diffusers' parameter names and config keys."""
+from .text_encoder import load_text_encoder
 from .vae import AutoencoderKL
 
-__all__ = ["AutoencoderKL"]
+__all__ = ["AutoencoderKL", "load_text_encoder"]
