@@ -43,7 +43,7 @@ step "bench fp16"
 timeout 90 $PY bench/ops.py --device cuda --dtype fp16 --json "$OUT/bench_fp16.json" | tee "$OUT/bench_fp16.txt" \
   || status=1
 step "copy bandwidth"
-$PY - <<'PY' | tee "$OUT/copy_bandwidth.txt"
+$PY - <<'PY' | tee -a "$OUT/device.txt"
 import torch
 x = torch.empty(1 << 28, dtype=torch.float16, device="cuda"); y = torch.empty_like(x)
 for _ in range(3): y.copy_(x)
