@@ -17,9 +17,7 @@ def load_error() -> str | None:
     return _error
 
 
-@functools.lru_cache(maxsize=None)
-def build_info() -> dict:
-    """What the extension was compiled with: {'cpu': bool, 'cuda': bool, 'cuda_archs': [...], ...}."""
+def _read_build_info() -> dict:
     if _error is not None:
         return {"cpu": False, "cuda": False, "cuda_archs": [], "built_with_torch": None, "error": _error}
     fields = dict(item.split("=", 1) for item in torch.ops.sdcore.build_info().split(";"))
@@ -33,14 +31,29 @@ def build_info() -> dict:
     }
 
 
+# Read once at import: torch.compile cannot trace an op that returns a string.
+_BUILD_INFO = _read_build_info()
+
+
+def build_info() -> dict:
+    """What the extension was compiled with: {'cpu': bool, 'cuda': bool, 'cuda_archs': [...], ...}."""
+    return _BUILD_INFO
+
+
 def _arch_number(arch: str) -> tuple[int, int]:
     major, minor = arch.replace("+PTX", "").split(".")
     return int(major), int(minor.rstrip("a"))
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def cuda_device_reason(index: int) -> str | None:
-    """None if the compiled CUDA kernels can run on device ``index``, else why not."""
+    """None if the compiled CUDA kernels can run on device ``index``, else why not. torch.compile treats the
+    answer as a constant of the graph rather than tracing the device query."""
+    return _cuda_device_reason(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_reason(index: int) -> str | None:
     info = build_info()
     if not info["cuda"]:
         return "sdcore was built without CUDA kernels (see `sdcore info`)"

@@ -68,7 +68,8 @@ def _group_norm_case(shape, groups, eps, silu, channels_last, label, *, device, 
         xd = x.to(device, dtype).contiguous(memory_format=fmt)
         with use_backend(backend):
             out = ops.group_norm(xd, groups, w.to(device, dtype), b.to(device, dtype), eps, silu=silu)
-        if not out.is_contiguous(memory_format=fmt):
+        # PyTorch's own CUDA group_norm returns NCHW for a channels_last input; only ours promise the format.
+        if backend != "torch" and not out.is_contiguous(memory_format=fmt):
             raise AssertionError(f"group_norm changed the memory format to strides {out.stride()}")
         return out.double().cpu()
 

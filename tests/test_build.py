@@ -29,24 +29,40 @@ def test_cuda_kernels_are_built_when_a_toolkit_is_present():
     assert info["cuda_archs"], "the build must record its CUDA archs"
 
 
-def test_arch_matching():
-    # sm_90 runs sm_90 SASS; sm_89 runs sm_80 SASS (same major); sm_100 runs only PTX.
-    info = {"cpu": True, "cuda": True, "cuda_archs": ["8.0", "9.0+PTX"], "built_with_torch": "x", "error": None}
-    _ext.build_info.cache_clear()
-    _ext.cuda_device_reason.cache_clear()
-    orig_info, orig_cap = _ext.build_info, torch.cuda.get_device_capability
+def _reason_with(monkeypatch, archs, cap):
+    info = {"cpu": True, "cuda": True, "cuda_archs": archs, "built_with_torch": "x", "error": None}
+    monkeypatch.setattr(_ext, "_BUILD_INFO", info)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: cap)
+    _ext._cuda_device_reason.cache_clear()
     try:
-        _ext.build_info = lambda: info
-        for cap, ok in [((9, 0), True), ((8, 9), True), ((10, 0), True), ((7, 5), False)]:
-            torch.cuda.get_device_capability = lambda i, cap=cap: cap
-            reason = _ext.cuda_device_reason.__wrapped__(0)
-            assert (reason is None) == ok, (cap, reason)
-        info["cuda_archs"] = ["8.0", "9.0"]
-        torch.cuda.get_device_capability = lambda i: (10, 0)
-        assert "compiled for 8.0;9.0" in _ext.cuda_device_reason.__wrapped__(0)
+        return _ext._cuda_device_reason(0)
     finally:
-        _ext.build_info = orig_info
-        torch.cuda.get_device_capability = orig_cap
+        _ext._cuda_device_reason.cache_clear()
+
+
+def test_arch_matching(monkeypatch):
+    # sm_90 runs sm_90 SASS; sm_89 runs sm_80 SASS (same major); sm_100 runs only PTX.
+    for cap, ok in [((9, 0), True), ((8, 9), True), ((10, 0), True), ((7, 5), False)]:
+        reason = _reason_with(monkeypatch, ["8.0", "9.0+PTX"], cap)
+        assert (reason is None) == ok, (cap, reason)
+    assert "compiled for 8.0;9.0" in _reason_with(monkeypatch, ["8.0", "9.0"], (10, 0))
+
+
+def test_device_query_compiles_into_one_graph(monkeypatch):
+    # The kernels backend asks cuda_device_reason inside every op call; torch.compile(fullgraph=True) must
+    # take the answer as a constant rather than break the graph on the device query.
+    monkeypatch.setattr(_ext, "_BUILD_INFO", {"cpu": True, "cuda": True, "cuda_archs": ["9.0"],
+                                              "built_with_torch": "x", "error": None})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    _ext._cuda_device_reason.cache_clear()
+    torch._dynamo.reset()
+    try:
+        fn = torch.compile(lambda x: x + (1.0 if _ext.cuda_device_reason(0) is None else 2.0),
+                           fullgraph=True, backend="eager")
+        assert fn(torch.zeros(2)).tolist() == [1.0, 1.0]
+    finally:
+        _ext._cuda_device_reason.cache_clear()
+        torch._dynamo.reset()
 
 
 def test_cmake_build_loads_and_runs(tmp_path):
