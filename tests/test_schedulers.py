@@ -125,3 +125,39 @@ def test_cli_names(name):
         assert s.config["use_karras_sigmas"]
     with pytest.raises(ValueError, match="unknown scheduler 'heun'"):
         schedulers.from_name("heun")
+
+
+def _run_from(scheduler, steps, strength, x0, noise, fused):
+    """img2img's schedule as diffusers runs it: skip the first (1 - strength) of the steps, noise the clean
+    latents to the first remaining timestep, denoise from there."""
+    scheduler.set_timesteps(steps)
+    t_start = steps - min(int(steps * strength), steps)
+    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    if hasattr(scheduler, "set_begin_index"):  # diffusers' DDIM and PNDM have none: they look up timesteps
+        scheduler.set_begin_index(t_start * scheduler.order)
+    x = scheduler.add_noise(x0, noise, timesteps[:1])
+    start = x.clone()
+    kwargs = {"generator": torch.Generator().manual_seed(5)} \
+        if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in timesteps:
+        out = _unet(scheduler.scale_model_input(torch.cat([x, x]), t), t)
+        if fused:
+            x = scheduler.step(out, t, x, guidance_scale=7.5, **kwargs).prev_sample
+        else:
+            uncond, cond = out.chunk(2)
+            x = scheduler.step(uncond + 7.5 * (cond - uncond), t, x, **kwargs).prev_sample
+    return start, x
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+                                  "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                  "LMSDiscreteScheduler"])
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_img2img_start_matches_diffusers(name, strength):
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    ref_start, ref_end = _run_from(getattr(diffusers, name).from_config(SD15), 10, strength, x0, noise, False)
+    start, end = _run_from(getattr(schedulers, name).from_config(SD15), 10, strength, x0, noise, True)
+    torch.testing.assert_close(start, ref_start, rtol=1e-5, atol=1e-5)
+    err = ((end - ref_end).abs().max() / ref_end.abs().max()).item()
+    assert err < 1e-4, f"relative error {err:.2e} against diffusers"

@@ -99,14 +99,36 @@ class Scheduler:
         w = timesteps - lo.double()
         return full[lo] * (1 - w) + full[hi] * w
 
+    def _position(self, timestep) -> int:
+        """Where ``timestep`` first appears in self.timesteps (the second time for PLMS's repeated one)."""
+        t = float(timestep)
+        hits = (self.timesteps.double().cpu() == t).nonzero().flatten().tolist()
+        if not hits:
+            raise ValueError(f"timestep {t} is not one of this scheduler's timesteps; call set_timesteps first")
+        return hits[1] if len(hits) > 1 else hits[0]
+
     def _index_for(self, timestep) -> int:
         if self._step_index is None:
-            t = float(timestep)
-            hits = (self.timesteps.double() == t).nonzero().flatten().tolist()
-            if not hits:
-                raise ValueError(f"timestep {t} is not one of this scheduler's timesteps; call set_timesteps first")
-            self._step_index = hits[1] if len(hits) > 1 else hits[0]
+            self._step_index = self._position(timestep)
         return self._step_index
+
+    def set_begin_index(self, index: int) -> None:
+        """Start denoising at position ``index`` of ``timesteps`` (img2img), as diffusers' set_begin_index."""
+        self._step_index = index
+
+    def _current(self, timestep) -> int:
+        """The step about to run: the begin index when one was set, else where ``timestep`` sits."""
+        return self._step_index if self._step_index is not None else self._position(timestep)
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+        """The forward process q(x_t | x_0) at ``timestep``: where img2img starts denoising."""
+        a, b = self._noise_scales(timestep)
+        return original * a + noise * b
+
+    def _noise_scales(self, timestep) -> tuple[float, float]:
+        """(scale of x0, scale of the noise) at ``timestep``: sqrt(alpha_bar), sqrt(1 - alpha_bar)."""
+        alpha = self.alphas_cumprod[int(timestep)].item()
+        return alpha**0.5, (1 - alpha) ** 0.5
 
     @property
     def init_noise_sigma(self) -> float:

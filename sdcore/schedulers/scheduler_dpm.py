@@ -55,6 +55,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._step_index = None
         self._prev_x0 = None
 
+    def _noise_scales(self, timestep):
+        sigma = self.sigmas[self._current(timestep)].item()  # x_t = alpha_t x0 + sigma_t noise, sigma = s_t / a_t
+        alpha_t = (sigma**2 + 1) ** -0.5
+        return alpha_t, sigma * alpha_t
+
     def _coefficients(self, index, **_):
         last = index == self.num_inference_steps - 1  # lands on sigma = 0: first order (the step is x0)
         second = self.config["solver_order"] == 2 and self._prev_x0 is not None and not last

@@ -34,6 +34,9 @@ class EulerDiscreteScheduler(Scheduler):
         sigma = self.sigmas[self._index_for(timestep)].item()
         return sample / (sigma**2 + 1) ** 0.5
 
+    def _noise_scales(self, timestep):
+        return 1.0, self.sigmas[self._current(timestep)].item()  # x_t = x0 + sigma * noise
+
     def _coefficients(self, index, s_churn: float = 0.0, **_):
         if s_churn != 0.0:
             raise NotImplementedError(f"{type(self).__name__}: s_churn (stochastic Euler) is not supported yet")

@@ -37,12 +37,14 @@ class LMSDiscreteScheduler(EulerDiscreteScheduler):
         c = [self._lms_coefficient(order, index, k) for k in range(order)]
         sigma = self.sigmas[index].item()
         xa, xb = coefficients.ve_x0(sigma, self.config["prediction_type"])
-        # This step's derivative d = (x - x0) / sigma is the op's state; older ones come in as history.
+        # This step's derivative d = (x - x0) / sigma is the op's state; older ones come in as history. Started
+        # part-way down the schedule (img2img), fewer derivatives exist than the order: like diffusers, the
+        # order's coefficients are paired with those that exist.
         history = list(reversed(self._derivatives[-(order - 1):])) if order > 1 else []
         return StepCoefficients(x0_from_sample=xa, x0_from_output=xb,
                                 next_from_sample=1.0 + c[0] / sigma, next_from_x0=-c[0] / sigma,
                                 state_from_sample=1.0 / sigma, state_from_x0=-1.0 / sigma,
-                                history=tuple(c[1:])), history
+                                history=tuple(c[1:1 + len(history)])), history
 
     def _after_step(self, state):
         self._derivatives = self._derivatives[-3:] + [state]

@@ -34,6 +34,9 @@ class PNDMScheduler(Scheduler):
         self._step_index = None
         self._outputs = []  # previous (guided) model outputs, newest last
         self._first_sample = None
+        # Steps taken, not the position in timesteps: PLMS's warm-up pair is the first two steps taken, also
+        # when img2img starts part-way down the schedule (as in diffusers).
+        self._taken = 0
 
     def _alphas(self, t: int, prev_t: int) -> tuple[float, float]:
         a_t = self.alphas_cumprod[t].item()
@@ -53,7 +56,7 @@ class PNDMScheduler(Scheduler):
     def _coefficients(self, index, **_):
         ratio = self.config["num_train_timesteps"] // self.num_inference_steps
         t = int(self.timesteps[index])
-        if index == 1:
+        if self._taken == 1:
             # Second half of the first step: average the two outputs and restart from the first sample.
             a, b = self._update(t + ratio, t)
             return (StepCoefficients(next_from_output=b / 2, state_from_output=1.0, history=(b / 2, a)),
@@ -67,13 +70,14 @@ class PNDMScheduler(Scheduler):
         return c, history
 
     def step(self, model_output, timestep, sample, *args, **kwargs):
-        index = self._index_for(timestep) if self.num_inference_steps is not None else None
-        if index == 0:
+        if self.num_inference_steps is not None and self._taken == 0:
             self._first_sample = sample
-        return super().step(model_output, timestep, sample, *args, **kwargs)
+        out = super().step(model_output, timestep, sample, *args, **kwargs)
+        self._taken += 1
+        return out
 
     def _after_step(self, state):
-        if self._step_index != 1:  # the averaged second half doesn't add an output
+        if self._taken != 1:  # the averaged second half doesn't add an output
             self._outputs = self._outputs[-3:] + [state]
         else:
             self._first_sample = None
