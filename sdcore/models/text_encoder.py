@@ -40,10 +40,11 @@ def register() -> str:
     return IMPLEMENTATION
 
 
-def load_text_encoder(path, subfolder: str | None = "text_encoder", device=None, dtype=None):
+def load_text_encoder(path, subfolder: str | None = "text_encoder", device=None, dtype=None,
+                      variant: str | None = None):
     """A CLIPTextModel from a diffusers-format folder, offline, with its attention on sdcore.ops."""
     from transformers import CLIPTextModel
 
-    model = CLIPTextModel.from_pretrained(str(path), subfolder=subfolder, local_files_only=True,
-                                          attn_implementation=register(), torch_dtype=dtype)
+    model = CLIPTextModel.from_pretrained(str(path), subfolder=subfolder or "", local_files_only=True,
+                                          attn_implementation=register(), torch_dtype=dtype, variant=variant)
     return model.to(device).eval()

@@ -1,0 +1,339 @@
+"""Text-to-image and image-to-image with Stable Diffusion 1.x / 2.x, step for step what diffusers'
+StableDiffusionPipeline does, on sdcore's models: one batched UNet call per step for classifier-free guidance
+(uncond first), guidance folded into the fused scheduler step, the VAE decode, and seeds you can reuse.
+
+Prompts longer than CLIP's 77 tokens are truncated, as diffusers does, with a warning that names the
+dropped words."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _backend, loading, schedulers
+from .models import AutoencoderKL, UNet2DConditionModel, load_text_encoder
+
+log = logging.getLogger("sdcore")
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    """``images``: PIL images, a [B, H, W, 3] array or a [B, 3, H, W] tensor in [0, 1] (or latents);
+    ``seeds``: the seed of each image's starting noise (None where the caller passed a generator or latents)."""
+
+    images: object
+    seeds: list
+
+
+def _rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, factor: float) -> torch.Tensor:
+    """Lin et al. 2023 (Common Diffusion Noise Schedules are Flawed), sec. 3.4: pull the guided prediction's
+    per-sample std back to the conditional one's, mixed in by ``factor``."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return factor * rescaled + (1 - factor) * guided
+
+
+def _step_generator(seed: int) -> torch.Generator:
+    """The sampler's noise stream for a seed: a CPU generator on a scrambled seed, so it is reproducible and
+    never replays the starting noise of any image (which uses seed + i)."""
+    return torch.Generator().manual_seed((seed * 6364136223846793005 + 1442695040888963407) % 2**63)
+
+
+def _scheduler_from_config(config: dict, source) -> schedulers.Scheduler:
+    """The scheduler class a config names (diffusers' ``_class_name``); PLMS for one sdcore lacks, said aloud."""
+    name = config.get("_class_name", "PNDMScheduler")
+    cls = getattr(schedulers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, schedulers.Scheduler)):
+        log.warning("%s: scheduler %s is not in sdcore; using PNDMScheduler (SD 1.x's default) on its config. "
+                    "Choose another with pipe.set_scheduler(name): %s", source, name, ", ".join(schedulers.NAMES))
+        cls = schedulers.PNDMScheduler
+    if cls is schedulers.PNDMScheduler:
+        config = {**config, "skip_prk_steps": True}  # PLMS, which is what SD's PNDM configs run
+    return cls.from_config(config)
+
+
+def _scheduler_from_folder(path: Path) -> schedulers.Scheduler:
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: missing (every Stable Diffusion folder has a scheduler/)")
+    return _scheduler_from_config(json.loads(config_file.read_text()), config_file)
+
+
+class StableDiffusionPipeline:
+    """``pipe = StableDiffusionPipeline.from_pretrained(dir)``; ``pipe("a photo of a cat").images[0]``."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, backend: str | None = None):
+        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = \
+            unet, vae, text_encoder, tokenizer, scheduler
+        self.backend = _backend._check(backend) if backend is not None else None
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, backend: str | None = None, variant: str | None = None):
+        """A diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
+        offline; ``variant="fp16"`` reads the *.fp16.safetensors files."""
+        path = Path(path)
+        if not (path / "model_index.json").exists():
+            raise FileNotFoundError(f"{path}: no model_index.json (expected a diffusers-format Stable Diffusion "
+                                    "folder; for a single .safetensors/.ckpt file use from_single_file)")
+        for part in ("unet", "vae", "text_encoder", "scheduler"):
+            if not (path / part).is_dir():
+                raise FileNotFoundError(f"{path / part}: missing component folder")
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, device=device,
+                                                    dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, device=device, dtype=dtype)
+        text_encoder = load_text_encoder(path, subfolder="text_encoder", device=device, dtype=dtype,
+                                         variant=variant)
+        if (path / "tokenizer").is_dir():
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+        else:
+            tokenizer = loading.default_tokenizer()
+        return cls(unet, vae, text_encoder, tokenizer, _scheduler_from_folder(path), backend=backend)
+
+    @classmethod
+    def from_single_file(cls, path, device=None, dtype=None, backend: str | None = None,
+                         prediction_type: str | None = None, use_ema: bool = True):
+        """An original LDM/CompVis checkpoint (.safetensors, or .ckpt read with weights_only=True), SD 1.x or
+        2.x, the model type inferred from its tensors; the tokenizer is the bundled CLIP BPE."""
+        from . import single_file
+
+        parts = single_file.load_components(path, prediction_type=prediction_type, use_ema=use_ema)
+        unet = UNet2DConditionModel.from_config(parts["unet_config"])
+        loading.load_weights(unet, parts["unet_state"], f"{path} (UNet)")
+        vae = AutoencoderKL.from_config(parts["vae_config"])
+        loading.load_weights(vae, parts["vae_state"], f"{path} (VAE)")
+        text_encoder = single_file.build_text_encoder(parts["text_config"], parts["text_state"])
+        scheduler = _scheduler_from_config(parts["scheduler_config"], path)
+        pipe = cls(unet.eval(), vae.eval(), text_encoder, loading.default_tokenizer(), scheduler, backend=backend)
+        return pipe.to(device, dtype)
+
+    def to(self, device=None, dtype=None):
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def set_scheduler(self, name: str) -> None:
+        """Swap the sampler by its CLI name (ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, lms), keeping
+        the model's noise schedule and prediction type."""
+        self.scheduler = schedulers.from_name(name, self.scheduler.config)
+
+    def _backend_scope(self):
+        return _backend.use_backend(self.backend) if self.backend else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def _tokens(self, prompts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > ids.shape[-1]:
+            for prompt, row in zip(prompts, full):
+                dropped = tok.decode(row[tok.model_max_length - 1:-1], skip_special_tokens=True).strip()
+                if dropped:
+                    log.warning("prompt longer than CLIP's %d tokens; truncated, dropping: %r (prompt %r)",
+                                tok.model_max_length, dropped, prompt[:60])
+        return ids
+
+    def _embed(self, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
+        enc = self.text_encoder
+        ids = ids.to(enc.device)
+        if clip_skip is None:
+            return enc(ids)[0]
+        # The (clip_skip + 1)-th last layer's hidden states, through the final LayerNorm.
+        hidden = enc(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        return getattr(enc, "text_model", enc).final_layer_norm(hidden)  # transformers 5 dropped .text_model
+
+    def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, guidance: bool = True,
+                      clip_skip: int | None = None) -> torch.Tensor:
+        """[uncond; cond] text embeddings (cond only without guidance), each prompt repeated per image.
+        As in diffusers, clip_skip applies to the prompt, not to the negative prompt."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cond = self._embed(self._tokens(prompts), clip_skip)
+        cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
+        if not guidance:
+            return cond
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        uncond = self._embed(self._tokens(negatives), None).repeat_interleave(num_images_per_prompt, dim=0)
+        return torch.cat([uncond, cond])
+
+    # ------------------------------------------------------------------------------------------ noise
+    def _noise(self, shape, count: int, generator, seed, dtype):
+        """Starting noise, the generator for the sampler's own noise (ancestral steps), and the seeds. With a
+        seed, image i starts from seed + i on a CPU generator, so a seed gives the same image on any device;
+        a caller's generator is used as diffusers uses it."""
+        if generator is not None:
+            gens = generator if isinstance(generator, list) else [generator]
+            if isinstance(generator, list):
+                noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in gens])
+            else:
+                noise = torch.randn(shape, generator=generator, device=generator.device)
+            return noise.to(self.device, dtype), gens[0], [None] * count
+        base = random.randrange(2**31) if seed is None else int(seed)
+        seeds = [base + i for i in range(count)]
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return noise.to(self.device, dtype), _step_generator(base), seeds
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def _check_size(self, height, width):
+        f = self.vae_scale_factor
+        for name, v in (("height", height), ("width", width)):
+            if v <= 0 or v % f:
+                raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
+
+    def _denoise(self, latents, timesteps, embeds, guidance_scale, guidance_rescale, step_generator, eta,
+                 callback_on_step_end, progress):
+        sched, cfg = self.scheduler, embeds.shape[0] == 2 * latents.shape[0]
+        step_kwargs = {"eta": eta} if isinstance(sched, schedulers.DDIMScheduler) else {}
+        iterator = timesteps
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(timesteps, desc="sdcore", unit="step")
+        for i, t in enumerate(iterator):
+            x = torch.cat([latents, latents]) if cfg else latents
+            out = self.unet(sched.scale_model_input(x, t), t, embeds)
+            if cfg and guidance_rescale > 0:
+                uncond, cond = out.chunk(2)
+                guided = _rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale)
+                latents = sched.step(guided, t, latents, generator=step_generator, **step_kwargs).prev_sample
+            else:  # guidance happens inside the fused step
+                latents = sched.step(out, t, latents, generator=step_generator,
+                                     guidance_scale=guidance_scale if cfg else None, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                changed = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                latents = changed.get("latents", latents)
+        return latents
+
+    def _decode(self, latents, output_type):
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if output_type == "latent":
+            return latents
+        image = (self.vae.decode(latents / self.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return image
+        array = image.permute(0, 2, 3, 1).float().cpu().numpy()
+        if output_type == "np":
+            return array
+        from PIL import Image
+
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+
+    @torch.no_grad()
+    def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 num_images_per_prompt: int = 1, eta: float = 0.0, generator=None, seed: int | None = None,
+                 latents: torch.Tensor | None = None, clip_skip: int | None = None, output_type: str = "pil",
+                 callback_on_step_end=None, progress: bool = True) -> PipelineOutput:
+        """Text to image. Guidance is on when guidance_scale > 1 (one UNet call on [uncond; cond] per step)."""
+        size = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or size, width or size
+        self._check_size(height, width)
+        with self._backend_scope():
+            guidance = guidance_scale > 1.0
+            embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, clip_skip)
+            embeds = embeds.to(self.dtype)
+            count = embeds.shape[0] // (2 if guidance else 1)
+            shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor,
+                     width // self.vae_scale_factor)
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+            if latents is None:
+                latents, step_generator, seeds = self._noise(shape, count, generator, seed, self.dtype)
+            else:
+                if tuple(latents.shape) != shape:
+                    raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+                latents, seeds = latents.to(self.device, self.dtype), [None] * count
+                step_generator = generator[0] if isinstance(generator, list) else generator
+                if step_generator is None and seed is not None:
+                    step_generator = _step_generator(int(seed))
+            latents = latents * self.scheduler.init_noise_sigma
+            latents = self._denoise(latents, self.scheduler.timesteps, embeds, guidance_scale, guidance_rescale,
+                                    step_generator, eta, callback_on_step_end, progress)
+            return PipelineOutput(self._decode(latents, output_type), seeds)
+
+
+def _image_tensor(image, multiple: int) -> torch.Tensor:
+    """A PIL image (or a [B, 3, H, W] tensor in [0, 1]) as [-1, 1], cropped down to a multiple of the VAE's
+    factor the way diffusers' image processor resizes."""
+    if isinstance(image, torch.Tensor):
+        x = image if image.ndim == 4 else image[None]
+    else:
+        from PIL import Image
+
+        image = image.convert("RGB")
+        w, h = (s - s % multiple for s in image.size)
+        if (w, h) != image.size:
+            image = image.resize((w, h), resample=Image.LANCZOS)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    if x.shape[-1] % multiple or x.shape[-2] % multiple:
+        raise ValueError(f"image height and width must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
+    return x * 2 - 1
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
+    """Image to image: encode the image, noise it to ``strength`` of the schedule, denoise the rest."""
+
+    @classmethod
+    def from_pipe(cls, pipe: StableDiffusionPipeline) -> "StableDiffusionImg2ImgPipeline":
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, backend=pipe.backend)
+
+    @torch.no_grad()
+    def __call__(self, prompt, image, strength: float = 0.8, negative_prompt=None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, num_images_per_prompt: int = 1,
+                 eta: float = 0.0, generator=None, seed: int | None = None, clip_skip: int | None = None,
+                 output_type: str = "pil", callback_on_step_end=None, progress: bool = True) -> PipelineOutput:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        with self._backend_scope():
+            guidance = guidance_scale > 1.0
+            embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, clip_skip)
+            embeds = embeds.to(self.dtype)
+            count = embeds.shape[0] // (2 if guidance else 1)
+            x = _image_tensor(image, self.vae_scale_factor).to(self.device, self.dtype)
+            if count % x.shape[0]:
+                raise ValueError(f"{x.shape[0]} images for {count} outputs")
+
+            sched = self.scheduler
+            sched.set_timesteps(num_inference_steps, device=self.device)
+            t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+            timesteps = sched.timesteps[t_start * sched.order:]
+            if len(timesteps) == 0:
+                raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
+            sched.set_begin_index(t_start * sched.order)
+
+            seeds = [None] * count
+            if generator is None:  # one CPU generator for the encoder sample and the noise, from the seed
+                base = random.randrange(2**31) if seed is None else int(seed)
+                generator, seeds = torch.Generator().manual_seed(base), [base] * count
+            gen = generator[0] if isinstance(generator, list) else generator
+            init = self.vae.encode(x).sample(gen) * self.vae.config.scaling_factor
+            init = init.repeat(count // x.shape[0], 1, 1, 1)  # each image encoded once, tiled as diffusers does
+            noise = torch.randn(init.shape, generator=gen, device=gen.device).to(self.device, self.dtype)
+            latents = sched.add_noise(init, noise, timesteps[:1])
+            latents = self._denoise(latents, timesteps, embeds, guidance_scale, guidance_rescale, gen, eta,
+                                    callback_on_step_end, progress)
+            return PipelineOutput(self._decode(latents, output_type), seeds)
