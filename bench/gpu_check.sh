@@ -12,6 +12,12 @@ PY=${PYTHON:-python3}
 status=0
 step() { echo "== $1 ($(date +%T))"; }
 
+# diffusers (the baseline of bench/pipeline.py) is not on the GPU machines: wheels carried in .whl/ if present.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 step "device"
 nvidia-smi | tee "$OUT/device.txt"
 cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
@@ -40,8 +46,12 @@ timeout 60 $PY -m sdcore validate --device cuda > "$OUT/validate.txt" 2>&1 || st
 tail -3 "$OUT/validate.txt"
 
 step "bench fp16"
-timeout 90 $PY bench/ops.py --device cuda --dtype fp16 --json "$OUT/bench_fp16.json" | tee "$OUT/bench_fp16.txt" \
+timeout 90 $PY bench/ops.py --device cuda --dtype fp16 --json "$OUT/bench_fp16.json" | tee "$OUT/bench.txt" \
   || status=1
+step "bench pipeline (SD1.5 fp16 512x512: kernels, torch, diffusers)"
+timeout 240 $PY bench/pipeline.py --device cuda --dtype fp16 --sizes 512 --steps 10 --repeat 10 \
+  --impls kernels,torch,diffusers --json "$OUT/pipeline.json" | tee -a "$OUT/bench.txt" || status=1
+
 step "copy bandwidth"
 $PY - <<'PY' | tee -a "$OUT/device.txt"
 import torch

@@ -68,6 +68,98 @@ def cmd_validate(args) -> int:
     return 0 if all(r.passed for r in results) else 1
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT like 512x512, got {text!r}") from None
+    return w, h
+
+
+def load_pipeline(model: str | None, arch: str, device: str, dtype: torch.dtype, backend: str | None):
+    """A diffusers folder, a single checkpoint file, or (no --model) the embedded random-weight default."""
+    from pathlib import Path
+
+    from . import embedded
+    from .pipeline import StableDiffusionPipeline
+
+    if model is None:
+        print(f"sdcore: using the {embedded.describe(arch)}", file=sys.stderr)
+        return embedded.build(arch, device=device, dtype=dtype, backend=backend)
+    path = Path(model)
+    if path.is_dir():
+        return StableDiffusionPipeline.from_pretrained(path, device=device, dtype=dtype, backend=backend)
+    if path.is_file():
+        return StableDiffusionPipeline.from_single_file(path, device=device, dtype=dtype, backend=backend)
+    raise FileNotFoundError(f"--model {model}: no such folder or file")
+
+
+def _outputs(out: str, n: int) -> list:
+    from pathlib import Path
+
+    path = Path(out)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from PIL import PngImagePlugin
+
+    from . import schedulers
+    from .pipeline import StableDiffusionImg2ImgPipeline
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("sdcore generate: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.size and any(v <= 0 or v % 8 for v in args.size):
+        print(f"sdcore generate: --size {args.size[0]}x{args.size[1]}: width and height must be positive "
+              "multiples of 8", file=sys.stderr)
+        return 2
+    if args.strength is not None and args.init_image is None:
+        print("sdcore generate: --strength needs --init-image", file=sys.stderr)
+        return 2
+    try:
+        pipe = load_pipeline(args.model, args.arch, args.device, DTYPES[args.dtype], args.backend)
+        if args.scheduler:
+            pipe.set_scheduler(args.scheduler)
+        width, height = args.size if args.size else (None, None)
+        common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, num_images_per_prompt=args.n, seed=args.seed,
+                      progress=not args.no_progress)
+        start = time.perf_counter()
+        if args.init_image:
+            from PIL import Image
+
+            image = Image.open(args.init_image)
+            if args.size:
+                image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+            result = StableDiffusionImg2ImgPipeline.from_pipe(pipe)(
+                args.prompt, image, strength=0.8 if args.strength is None else args.strength, **common)
+        else:
+            result = pipe(args.prompt, height=height, width=width, **common)
+        seconds = time.perf_counter() - start
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"sdcore generate: {exc}", file=sys.stderr)
+        return 2
+    sampler = args.scheduler or next((k for k, (cls, _) in schedulers.NAMES.items()
+                                      if type(pipe.scheduler) is cls), type(pipe.scheduler).__name__)
+    for path, image, seed in zip(_outputs(args.out, len(result.images)), result.images, result.seeds):
+        meta = PngImagePlugin.PngInfo()  # the A1111-style "parameters" chunk: how to make this image again
+        meta.add_text("parameters", f"{args.prompt}\nNegative prompt: {args.negative_prompt or ''}\n"
+                                    f"Steps: {args.steps}, Sampler: {sampler}, CFG scale: {args.guidance}, "
+                                    f"Seed: {seed}, Size: {image.width}x{image.height}, "
+                                    f"Model: {args.model or 'embedded ' + args.arch}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, pnginfo=meta)
+        print(f"wrote {path}  ({image.width}x{image.height}, seed {seed})")
+    print(f"{len(result.images)} image(s), {args.steps} steps, {seconds:.1f} s on {args.device} "
+          f"({args.dtype}, backend {pipe.backend or __import__('sdcore').get_backend()})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdcore", description="Stable Diffusion on fused CPU/CUDA kernels with a reference path.")
@@ -85,6 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32, fp16 or bf16; repeat or comma-separate (default: fp32 on cpu, all three on cuda)")
     p.add_argument("--quick", action="store_true", help="skip the two largest VAE GroupNorm shapes")
     p.set_defaults(func=cmd_validate)
+
+    from . import embedded, schedulers
+
+    p = sub.add_parser(
+        "generate", help="text-to-image (or image-to-image with --init-image) to a PNG",
+        description="Generates images with Stable Diffusion 1.x/2.x. --model takes a diffusers-format folder or "
+                    "an original .safetensors/.ckpt checkpoint; without it, an embedded model with the SD "
+                    "architecture and RANDOM weights runs (--arch), which shows the pipeline works and how fast, "
+                    "but draws noise. Prompts over 77 CLIP tokens are truncated with a warning. The PNG keeps "
+                    "the prompt, seed and settings in its 'parameters' text chunk.")
+    p.add_argument("prompt")
+    p.add_argument("--model", metavar="DIR|FILE", help="diffusers folder or single checkpoint file")
+    p.add_argument("--arch", choices=embedded.ARCHS, default="tiny",
+                   help="embedded random-weight model when no --model is given (default tiny)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--size", type=_size, default=None, metavar="WxH",
+                   help="image size, multiples of 8 (default: the model's native size)")
+    p.add_argument("--scheduler", choices=list(schedulers.NAMES), default=None,
+                   help="sampler (default: the model's own)")
+    p.add_argument("--n", type=int, default=1, help="images for the prompt (default 1)")
+    p.add_argument("--backend", choices=["kernels", "torch", "reference"], default=None,
+                   help="where attention/GroupNorm/steps run (default: kernels when built)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--init-image", metavar="IMG", help="image-to-image: start from this picture")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img: how much of the schedule to redo, 0..1 (default 0.8)")
+    p.add_argument("--out", default="out.png", help="output PNG (with --n > 1: out-0.png, out-1.png, ...)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

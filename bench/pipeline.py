@@ -1,0 +1,167 @@
+"""Stable Diffusion pipeline benchmark: sdcore on the kernels, torch and reference backends, and diffusers
+itself, on the same random SD-architecture weights and inputs, side by side in one run.
+
+    python bench/pipeline.py --device cpu --sizes 256,512            # CPU fp32 (docs/PERF.md)
+    python bench/pipeline.py --device cuda --dtype fp16 --sizes 512  # GPU
+
+Per image size it reports: one UNet step (CFG batch 2), one VAE decode, the end-to-end latency of a short
+generation (text encoder + steps + decode), and peak memory. Each implementation runs in its own process
+(the weights are drawn from the same seed, so they are identical), so peak memory is that process's own:
+CPU = peak resident set size (weights included), CUDA = torch.cuda.max_memory_allocated. GPU work is timed
+with CUDA events after a warm-up; the median of --repeat runs is reported."""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IMPLS = ("kernels", "torch", "reference", "diffusers")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _timer(device):
+    def measure(fn, repeat):
+        fn()  # warm-up: allocator, kernel selection, lazy init
+        times = []
+        for _ in range(repeat):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return measure
+
+
+def _diffusers_pipeline(pipe):
+    """diffusers' own models with the sdcore pipeline's weights (same parameter names), SDPA attention."""
+    import diffusers
+    from transformers import CLIPTextModel
+
+    unet = diffusers.UNet2DConditionModel(**pipe.unet.config)
+    unet.load_state_dict(pipe.unet.state_dict())
+    blocks = len(pipe.vae.config.block_out_channels)
+    vae = diffusers.AutoencoderKL(**pipe.vae.config, down_block_types=("DownEncoderBlock2D",) * blocks,
+                                  up_block_types=("UpDecoderBlock2D",) * blocks)
+    vae.load_state_dict(pipe.vae.state_dict())
+    text = CLIPTextModel._from_config(pipe.text_encoder.config, attn_implementation="sdpa")
+    text.load_state_dict(pipe.text_encoder.state_dict())
+    scheduler = diffusers.PNDMScheduler.from_config(dict(pipe.scheduler.config))
+    ref = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=pipe.tokenizer, unet=unet,
+                                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    return ref.to(pipe.device, pipe.dtype)
+
+
+def worker(args) -> dict:
+    """One implementation, every size: runs in its own process."""
+    import sdcore
+    from sdcore import embedded
+
+    device, dtype = args.device, DTYPES[args.dtype]
+    torch.manual_seed(0)
+    pipe = embedded.build(args.arch, dtype=dtype)
+    pipe.to(device)
+    impl = args.worker
+    backend = "torch" if impl == "diffusers" else impl
+    ref = _diffusers_pipeline(pipe) if impl == "diffusers" else None
+    unet = ref.unet if ref is not None else pipe.unet
+    vae = ref.vae if ref is not None else pipe.vae
+    measure = _timer(device)
+    g = torch.Generator().manual_seed(1)
+    cross = pipe.unet.config.cross_attention_dim
+    results = []
+    for size in args.sizes:
+        lat = size // pipe.vae_scale_factor
+        x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
+        text = torch.randn(2, 77, cross, generator=g).to(device, dtype)
+        z = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
+        t = torch.tensor(500, device=device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad(), sdcore.use_backend(backend):
+            if ref is not None:
+                unet_ms = measure(lambda: unet(x, t, encoder_hidden_states=text).sample, args.repeat)
+                vae_ms = measure(lambda: vae.decode(z).sample, args.repeat)
+                e2e_ms = measure(lambda: ref("a photo of a cat", height=size, width=size,
+                                             num_inference_steps=args.steps, output_type="pt",
+                                             generator=torch.Generator().manual_seed(0)), 1)
+            else:
+                unet_ms = measure(lambda: unet(x, t, text), args.repeat)
+                vae_ms = measure(lambda: vae.decode(z), args.repeat)
+                e2e_ms = measure(lambda: pipe("a photo of a cat", height=size, width=size,
+                                              num_inference_steps=args.steps, output_type="pt", seed=0,
+                                              progress=False), 1)
+        peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        results.append(dict(impl=impl, size=size, unet_ms=unet_ms, vae_ms=vae_ms, e2e_ms=e2e_ms,
+                            peak_mib=peak / 2**20))
+    return dict(results=results)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp32 on cpu, fp16 on cuda")
+    p.add_argument("--arch", choices=["tiny", "sd15", "sd21"], default="sd15")
+    p.add_argument("--sizes", default="256,512", help="image sizes (square), comma-separated")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps of the end-to-end run")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    args.sizes = [int(s) for s in str(args.sizes).split(",")]
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    rows = []
+    for impl in args.impls.split(","):
+        if impl not in IMPLS:
+            p.error(f"unknown impl {impl!r}")
+        cmd = [sys.executable, __file__, "--worker", impl, "--device", args.device, "--dtype", args.dtype,
+               "--arch", args.arch, "--sizes", ",".join(map(str, args.sizes)), "--steps", str(args.steps),
+               "--repeat", str(args.repeat)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{impl}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows += json.loads(done.stdout.strip().splitlines()[-1])["results"]
+
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"# sdcore bench/pipeline.py  arch={args.arch}  device={args.device} ({name})  dtype={args.dtype}  "
+          f"torch={torch.__version__}  e2e = {args.steps} steps + text encoder + VAE decode")
+    print(f"{'size':>5} {'impl':<10} {'UNet step ms':>13} {'VAE decode ms':>14} {'end-to-end ms':>14} "
+          f"{'peak MiB':>9} {'UNet vs diffusers':>18}")
+    for size in args.sizes:
+        base = next((r for r in rows if r["size"] == size and r["impl"] == "diffusers"), None)
+        for r in (r for r in rows if r["size"] == size):
+            speed = f"{base['unet_ms'] / r['unet_ms']:.2f}x" if base else "-"
+            print(f"{size:>5} {r['impl']:<10} {r['unet_ms']:>13.1f} {r['vae_ms']:>14.1f} {r['e2e_ms']:>14.1f} "
+                  f"{r['peak_mib']:>9.0f} {speed:>18}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(device=name, dtype=args.dtype, arch=args.arch, steps=args.steps,
+                                                   torch=torch.__version__, rows=rows), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
