@@ -1,9 +1,9 @@
 # The two commands of the README:
 #   make test   install what is missing, build the extension (incrementally), run the whole test suite
-#   make demo   the same build, then the main job (for now: `sdcore validate`, kernels vs reference)
+#   make demo   the same build, then the main job: `sdcore generate` on the embedded default model -> demo.png
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-TEST_DEPS := pytest ninja numpy diffusers transformers safetensors
+TEST_DEPS := pytest ninja numpy diffusers transformers safetensors pillow tqdm
 
 .PHONY: all deps build test demo bench clean
 
@@ -12,7 +12,7 @@ all: build
 # Everything is installed into the active Python environment, and only when missing.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch
-	@$(PYTHON) -c "import pytest, ninja, numpy, diffusers, transformers, safetensors" 2>/dev/null || \
+	@$(PYTHON) -c "import pytest, ninja, numpy, diffusers, transformers, safetensors, PIL, tqdm" 2>/dev/null || \
 		$(PIP) install $(TEST_DEPS)
 
 # ninja rebuilds only what changed; the editable install (no compile) provides the `sdcore` command.
@@ -25,7 +25,7 @@ test: build
 
 demo: build
 	$(PYTHON) -m sdcore info
-	$(PYTHON) -m sdcore validate
+	$(PYTHON) -m sdcore generate "a photo of an astronaut riding a horse on the moon" --seed 0 --out demo.png
 
 bench: build
 	$(PYTHON) bench/ops.py --device cpu

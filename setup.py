@@ -84,7 +84,7 @@ setup(
     ext_modules=[] if os.environ.get("SDCORE_SKIP_EXTENSION") == "1" else [build_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "safetensors"],
+    install_requires=["torch>=2.4", "numpy", "safetensors", "transformers>=4.53", "pillow", "tqdm"],
     extras_require={"test": ["pytest", "diffusers", "transformers", "safetensors"]},
     entry_points={"console_scripts": ["sdcore=sdcore.cli:main"]},
 )
