@@ -50,18 +50,10 @@ CONFIGS = {
 }
 
 
-def build_text_encoder(config: dict):
-    """transformers' CLIPTextModel from a config dict, randomly initialized, with sdcore's attention."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .models.text_encoder import register
-
-    return CLIPTextModel._from_config(CLIPTextConfig(**config), attn_implementation=register()).eval()
-
-
 def build(arch: str = "tiny", device=None, dtype=None, backend: str | None = None, seed: int = 0):
     """A StableDiffusionPipeline in ``arch`` with random weights drawn from ``seed`` (the same on every run)."""
     from .models import AutoencoderKL, UNet2DConditionModel
+    from .models.text_encoder import build_text_encoder
     from .pipeline import StableDiffusionPipeline, _scheduler_from_config
 
     if arch not in CONFIGS:
@@ -83,4 +75,4 @@ def describe(arch: str) -> str:
             "--model FILE.safetensors (an original SD 1.x/2.x checkpoint).")
 
 
-__all__ = ["ARCHS", "CONFIGS", "build", "build_text_encoder", "describe"]
+__all__ = ["ARCHS", "CONFIGS", "build", "describe"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import pickle
 from importlib import resources
 from pathlib import Path
 
@@ -73,6 +74,13 @@ def read_state_dict(path) -> dict:
 
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise ValueError(f"{path}: corrupt or truncated weights file ({exc})") from exc
+        # Training checkpoints can pickle arbitrary Python objects; unpickling those would run their code.
+        raise ValueError(f"{path}: holds Python objects besides tensors, which sdcore does not unpickle (it loads "
+                         "with weights_only=True, for safety). Convert the file to .safetensors with a tool you "
+                         "trust, or re-save only its state_dict.") from exc
     except Exception as exc:  # noqa: BLE001 — any parse failure means the file is unusable
         raise ValueError(f"{path}: corrupt or truncated weights file ({type(exc).__name__}: {exc})") from exc
 

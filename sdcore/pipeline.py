@@ -18,6 +18,7 @@ import torch
 
 from . import _backend, loading, schedulers
 from .models import AutoencoderKL, UNet2DConditionModel, load_text_encoder
+from .models.text_encoder import build_text_encoder
 
 log = logging.getLogger("sdcore")
 
@@ -103,9 +104,12 @@ class StableDiffusionPipeline:
 
     @classmethod
     def from_single_file(cls, path, device=None, dtype=None, backend: str | None = None,
-                         prediction_type: str | None = None, use_ema: bool = True):
+                         prediction_type: str | None = None, use_ema: bool = False):
         """An original LDM/CompVis checkpoint (.safetensors, or .ckpt read with weights_only=True), SD 1.x or
-        2.x, the model type inferred from its tensors; the tokenizer is the bundled CLIP BPE."""
+        2.x, the model type inferred from its tensors (see sdcore.single_file); the tokenizer is the bundled
+        CLIP BPE. ``use_ema`` takes the model_ema.* UNet of a full training checkpoint instead of the live
+        weights (diffusers' and A1111's default is the live ones). SD 2.x files without a global_step are
+        taken as v-prediction: pass ``prediction_type="epsilon"`` for the 512-px base models."""
         from . import single_file
 
         parts = single_file.load_components(path, prediction_type=prediction_type, use_ema=use_ema)
@@ -113,7 +117,7 @@ class StableDiffusionPipeline:
         loading.load_weights(unet, parts["unet_state"], f"{path} (UNet)")
         vae = AutoencoderKL.from_config(parts["vae_config"])
         loading.load_weights(vae, parts["vae_state"], f"{path} (VAE)")
-        text_encoder = single_file.build_text_encoder(parts["text_config"], parts["text_state"])
+        text_encoder = build_text_encoder(parts["text_config"], parts["text_state"], source=f"{path} (text encoder)")
         scheduler = _scheduler_from_config(parts["scheduler_config"], path)
         pipe = cls(unet.eval(), vae.eval(), text_encoder, loading.default_tokenizer(), scheduler, backend=backend)
         return pipe.to(device, dtype)

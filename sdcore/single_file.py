@@ -5,9 +5,9 @@ Read from the tensors: the family (``cond_stage_model.transformer.*`` = OpenAI C
 ``cond_stage_model.model.*`` = OpenCLIP, SD 2.x), every channel count, block count and layers-per-block of the
 UNet and the VAE, the UNet's attention blocks, transformer depth, cross-attention width and projection kind
 (conv 1x1 or linear), the text encoder's width, depth, MLP width, vocabulary and context length, and whether
-EMA weights are present. Where both are there, load_components(use_ema=True) takes the EMA UNet (LitEma's
-dot-less ``model_ema.*`` copies), the better one for inference; note diffusers defaults to the live weights
-(``extract_ema=False``).
+EMA weights are present. By default the live ``model.diffusion_model.*`` weights are loaded (as diffusers and
+A1111 do; "-emaonly" files keep their EMA weights there); use_ema=True takes LitEma's dot-less ``model_ema.*``
+copies of a full training checkpoint instead.
 
 Not in the tensors, so defaulted (each one can be overridden, see ``detect``):
   * UNet heads: SD 1.x's LDM config says ``num_heads: 8`` (``SD1_NUM_HEADS``); SD 2.x's says
@@ -342,7 +342,7 @@ def _apply(view: dict, prefix: str, rows: list, what: str, ignore=lambda key: Fa
 
 
 # ---------------------------------------------------------------------------------------------- converters
-def convert_unet(state: dict, config: dict, *, use_ema: bool = True) -> dict:
+def convert_unet(state: dict, config: dict, *, use_ema: bool = False) -> dict:
     """model.diffusion_model.* (or the model_ema.* copies, when use_ema and present) -> diffusers UNet names."""
     return _apply(_unet_view(state, use_ema), UNET, _unet_table(config), "UNet")
 
@@ -417,7 +417,7 @@ def _warn_unconsumed(state: dict, consumed: tuple) -> None:
         log.warning("single-file checkpoint: ignoring tensors outside Stable Diffusion's components: %s", left)
 
 
-def load_components(path, *, prediction_type: str | None = None, use_ema: bool = True, device=None, dtype=None,
+def load_components(path, *, prediction_type: str | None = None, use_ema: bool = False, device=None, dtype=None,
                     **detect_kwargs) -> dict:
     """A single-file SD 1.x / 2.x checkpoint as plain dicts: {"family", "unet_config", "unet_state",
     "vae_config", "vae_state", "text_config", "text_state", "scheduler_config"}; errors name the file.
@@ -440,15 +440,3 @@ def load_components(path, *, prediction_type: str | None = None, use_ema: bool =
             out[key] = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                         for k, v in out[key].items()}
     return out
-
-
-def build_text_encoder(text_config: dict, text_state: dict, device=None, dtype=None, source="text encoder"):
-    """transformers' CLIPTextModel for ``text_config`` with sdcore's attention, loaded strictly from
-    ``text_state`` (loading.load_weights: every tensor present, nothing extra, shapes equal)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .models import text_encoder
-
-    model = CLIPTextModel._from_config(CLIPTextConfig(**text_config), attn_implementation=text_encoder.register())
-    loading.load_weights(model, text_state, source)
-    return model.to(device=device, dtype=dtype).eval()

@@ -1,6 +1,8 @@
 """The bundled CLIP tokenizer: offline, and token for token what CLIP's own BPE produces."""
 import pytest
 
+import torch
+
 from sdcore import loading
 
 pytest.importorskip("transformers", reason="transformers is a test dependency: `make test` installs it")
@@ -37,3 +39,16 @@ def test_padding_and_truncation_to_77():
     assert len(ids) == 77 and ids[:3] == [49406, 343, 49407] and set(ids[3:]) == {49407}
     long = tok(" ".join(["cat"] * 200), truncation=True).input_ids
     assert len(long) == 77 and long[0] == 49406 and long[-1] == 49407
+
+
+class _Callback:
+    """Stands in for the Python objects a training .ckpt pickles next to its tensors."""
+
+
+def test_ckpt_with_pickled_objects_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "train.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "callbacks": _Callback()}, path)
+    with pytest.raises(ValueError, match="holds Python objects besides tensors.*weights_only=True"):
+        loading.read_state_dict(path)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    assert torch.equal(loading.read_state_dict(path)["state_dict"]["w"], torch.zeros(2))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdcore import loading, single_file as sf
+from sdcore.models.text_encoder import build_text_encoder
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (the conversion oracle)")
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
@@ -295,7 +296,7 @@ def test_models_built_from_detected_configs_compute_like_the_originals(models, f
         with torch.no_grad():
             assert torch.allclose(unet(x, 10, ctx).sample, models[unet_name](x, 10, ctx).sample, atol=1e-5)
         loading.load_weights(AutoencoderKL.from_config(got["vae_config"]), got["vae_state"], "vae")
-        text = sf.build_text_encoder(got["text_config"], got["text_state"])
+        text = build_text_encoder(got["text_config"], got["text_state"])
         want = models[clip_name]
         ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -313,15 +314,16 @@ def test_ckpt_with_state_dict_wrapper_and_sd2_base_global_step(models, files):
     assert v["scheduler_config"]["prediction_type"] == "v_prediction"
 
 
-def test_ema_weights_are_used_when_present(models, ckpts):
+def test_ema_weights_on_request(models, ckpts):
     state = _ema(ckpts["sd1"], offset=0.5)
     config = sf.detect(state)["unet_config"]
     assert sf.detect(state)["ema"]
-    assert_same(sf.convert_unet(state, config), {k: v + 0.5 for k, v in models["unet1"].state_dict().items()})
-    assert_same(sf.convert_unet(state, config, use_ema=False), models["unet1"].state_dict())
+    assert_same(sf.convert_unet(state, config, use_ema=True),
+                {k: v + 0.5 for k, v in models["unet1"].state_dict().items()})
+    assert_same(sf.convert_unet(state, config), models["unet1"].state_dict())  # live weights, as diffusers
     del state[next(k for k in state if k.startswith("model_ema.diffusion_model"))]
     with pytest.raises(ValueError, match="incomplete EMA weights: missing model_ema.diffusion_model"):
-        sf.convert_unet(state, config)
+        sf.convert_unet(state, config, use_ema=True)
 
 
 # ------------------------------------------------------------------------ errors

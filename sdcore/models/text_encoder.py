@@ -48,3 +48,17 @@ def load_text_encoder(path, subfolder: str | None = "text_encoder", device=None,
     model = CLIPTextModel.from_pretrained(str(path), subfolder=subfolder or "", local_files_only=True,
                                           attn_implementation=register(), torch_dtype=dtype, variant=variant)
     return model.to(device).eval()
+
+
+def build_text_encoder(config: dict, state: dict | None = None, device=None, dtype=None, source="text encoder"):
+    """transformers' CLIPTextModel for a config dict, with sdcore's attention: loaded strictly from ``state``
+    (every tensor present, nothing extra, shapes equal; errors name ``source``), or randomly initialized from
+    the global RNG when there is none (the embedded default model)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .. import loading
+
+    model = CLIPTextModel._from_config(CLIPTextConfig(**config), attn_implementation=register())
+    if state is not None:
+        loading.load_weights(model, state, source)
+    return model.to(device=device, dtype=dtype).eval()
