@@ -216,3 +216,25 @@ def test_missing_component_and_variant(saved, tmp_path):
     assert pipe.dtype == torch.float32
     with pytest.raises(FileNotFoundError):
         StableDiffusionPipeline.from_pretrained(fp16)  # no plain weights there
+
+
+def test_from_single_file_equals_from_pretrained(saved, pipe, tmp_path):
+    from safetensors.torch import save_file
+    from test_single_file import clip_to_ldm, unet_to_ldm, vae_to_ldm
+
+    ref = saved[0]
+    ckpt = {**unet_to_ldm(ref.unet.state_dict(), ref.unet.config), **vae_to_ldm(ref.vae.state_dict(), ref.vae.config),
+            **clip_to_ldm(ref.text_encoder.state_dict(), 77)}
+    save_file(ckpt, str(tmp_path / "sd.safetensors"))
+    # Heads and norm groups are not in the tensors: this small model's differ from SD's.
+    single = StableDiffusionPipeline.from_single_file(
+        tmp_path / "sd.safetensors", num_heads=2, unet_overrides=dict(norm_num_groups=8),
+        vae_overrides=dict(norm_num_groups=8), text_overrides=dict(num_attention_heads=4))
+    assert isinstance(single.scheduler, sdcore.schedulers.PNDMScheduler)
+    for p in (single, pipe):
+        p.set_scheduler("ddim")
+    kwargs = dict(negative_prompt=NEGATIVE, height=16, width=16, num_inference_steps=3, output_type="pt",
+                  progress=False)
+    want = pipe(PROMPT, latents=_latents(), **kwargs).images
+    got = single(PROMPT, latents=_latents(), **kwargs).images
+    assert torch.equal(got, want)
