@@ -22,18 +22,24 @@ class GroupNorm(nn.GroupNorm):
 
 
 class ResnetBlock(nn.Module):
-    """norm-SiLU-conv twice, plus a (1x1-projected) skip: diffusers' ResnetBlock2D without time embedding."""
+    """norm-SiLU-conv twice, plus a (1x1-projected) skip: diffusers' ResnetBlock2D. With ``temb_channels`` (the
+    UNet) a projection of SiLU(time embedding) is added per channel after the first conv, which is how every
+    resnet learns what noise level it is denoising."""
 
-    def __init__(self, cin: int, cout: int, groups: int, eps: float):
+    def __init__(self, cin: int, cout: int, groups: int, eps: float, temb_channels: int | None = None):
         super().__init__()
         self.norm1 = GroupNorm(groups, cin, eps, silu=True)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, cout) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups, cout, eps, silu=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x):
-        h = self.conv2(self.norm2(self.conv1(self.norm1(x))))
+    def forward(self, x, temb: torch.Tensor | None = None):
+        h = self.conv1(self.norm1(x))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.norm2(h))
         return (self.conv_shortcut(x) if self.conv_shortcut is not None else x) + h
 
 
@@ -57,22 +63,27 @@ class SpatialSelfAttention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 3x3 conv after padding right/bottom by one (the VAE encoder's, padding=0 variant)."""
+    """Stride-2 3x3 conv. The VAE encoder's (padding=0) pads only right/bottom by one; the UNet's (padding=1)
+    pads all sides, so an odd side n becomes ceil(n / 2)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, padding: int = 0):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.pad_right_bottom = padding == 0
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.pad_right_bottom else x)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
+    """Nearest-neighbour 2x, then a 3x3 conv. The UNet passes ``size``, the spatial size of the skip connection
+    this output is concatenated with, so odd sides that the down path rounded up come back exactly."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size: tuple[int, int] | None = None):
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
