@@ -75,6 +75,7 @@ class StableDiffusionPipeline:
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = \
             unet, vae, text_encoder, tokenizer, scheduler
         self.backend = _backend._check(backend) if backend is not None else None
+        self.scheduler_config = dict(scheduler.source_config)  # the model's, for set_scheduler
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------------------------------ loading
@@ -140,8 +141,9 @@ class StableDiffusionPipeline:
 
     def set_scheduler(self, name: str) -> None:
         """Swap the sampler by its CLI name (ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, lms), keeping
-        the model's noise schedule and prediction type."""
-        self.scheduler = schedulers.from_name(name, self.scheduler.config)
+        the model's noise schedule and prediction type (from the model's scheduler config, whichever sampler
+        ran before)."""
+        self.scheduler = schedulers.from_name(name, self.scheduler_config)
 
     def _backend_scope(self):
         return _backend.use_backend(self.backend) if self.backend else contextlib.nullcontext()

@@ -53,6 +53,9 @@ class Scheduler:
     def __init__(self, **config):
         known = {**COMMON_DEFAULTS, **self.defaults}
         self.config = {k: config.get(k, v) for k, v in known.items()}
+        # The keys as given (a model's scheduler_config.json), before this class's defaults: what a different
+        # scheduler for the same model should be built from, so it doesn't inherit, e.g., Euler's spacing.
+        self.source_config = dict(config)
         if self.config["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type {self.config['prediction_type']!r} is not supported")
         self.betas = betas_for(self.config)
