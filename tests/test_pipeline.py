@@ -242,8 +242,7 @@ def test_from_single_file_equals_from_pretrained(saved, pipe, tmp_path):
 
 def test_set_scheduler_starts_from_the_models_config(saved):
     pipe = StableDiffusionPipeline.from_pretrained(saved[1])
-    pipe.set_scheduler("euler")
-    assert pipe.scheduler.config["timestep_spacing"] == "linspace"  # Euler's own default
+    pipe.scheduler = sdcore.schedulers.EulerDiscreteScheduler(timestep_spacing="linspace", steps_offset=0)
     pipe.set_scheduler("ddim")
     assert pipe.scheduler.config["timestep_spacing"] == "leading" and pipe.scheduler.config["steps_offset"] == 1
     assert pipe.scheduler.config["beta_schedule"] == "scaled_linear"
