@@ -246,3 +246,10 @@ def test_set_scheduler_starts_from_the_models_config(saved):
     pipe.set_scheduler("ddim")
     assert pipe.scheduler.config["timestep_spacing"] == "leading" and pipe.scheduler.config["steps_offset"] == 1
     assert pipe.scheduler.config["beta_schedule"] == "scaled_linear"
+
+
+def test_pipelines_are_exported_at_the_top():
+    assert sdcore.StableDiffusionPipeline is StableDiffusionPipeline
+    assert sdcore.StableDiffusionImg2ImgPipeline is StableDiffusionImg2ImgPipeline
+    with pytest.raises(AttributeError):
+        sdcore.NoSuchPipeline  # noqa: B018
