@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,31 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sdcore  # noqa: E402
 from sdcore import ops, schedulers  # noqa: E402
+from timing import timeit  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_LIMIT_BYTES = 1 << 30  # skip the reference where its materialized scores would exceed 1 GiB
-
-
-def timeit(fn, device: str, repeat: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn()."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def attention_cases(dev, dtype, quick):

@@ -14,38 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import timeit  # noqa: E402  (bench/ is on sys.path when a bench script runs)
+
 IMPLS = ("kernels", "torch", "reference", "diffusers")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _timer(device):
-    def measure(fn, repeat):
-        fn()  # warm-up: allocator, kernel selection, lazy init
-        times = []
-        for _ in range(repeat):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return measure
 
 
 def _diffusers_pipeline(pipe):
@@ -83,7 +63,7 @@ def worker(args) -> dict:
     ref = _diffusers_pipeline(pipe) if impl == "diffusers" else None
     unet = ref.unet if ref is not None else pipe.unet
     vae = ref.vae if ref is not None else pipe.vae
-    measure = _timer(device)
+    measure = lambda fn, repeat: timeit(fn, device, repeat, warmup=1)  # noqa: E731
     g = torch.Generator().manual_seed(1)
     cross = pipe.unet.config.cross_attention_dim
     results = []

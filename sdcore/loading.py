@@ -121,3 +121,17 @@ def load_model(cls, path, subfolder=None, variant=None, device=None, dtype=None)
     model = cls.from_config(config)
     load_weights(model, read_state_dict(weights), weights)
     return model.to(device=device, dtype=dtype).eval()
+
+
+class Pretrained:
+    """``from_config`` / ``from_pretrained`` for a module built from diffusers' config.json keys."""
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, path, subfolder: str | None = None, variant: str | None = None, device=None,
+                        dtype=None):
+        """A diffusers-format model folder: config.json + diffusion_pytorch_model[.variant].safetensors."""
+        return load_model(cls, path, subfolder=subfolder, variant=variant, device=device, dtype=dtype)

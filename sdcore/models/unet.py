@@ -244,7 +244,7 @@ def _per_block(value, key: str, n: int) -> list:
     return list(value)
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(loading.Pretrained, nn.Module):
     """Predicts the noise (or v) in ``sample`` at ``timestep``, conditioned on the text's ``encoder_hidden_states``.
     Built from diffusers' unet/config.json keys (``from_config``) or a diffusers-format folder (``from_pretrained``);
     options SD 1.x / 2.x never use are rejected with a ValueError naming the key."""
@@ -288,16 +288,6 @@ class UNet2DConditionModel(nn.Module):
                                           transformer(i) if UP_BLOCKS[kind] else None, upsample=i > 0))
         self.conv_norm_out = GroupNorm(groups, ch[0], eps, silu=True)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
-
-    @classmethod
-    def from_config(cls, config: dict):
-        return cls(**config)
-
-    @classmethod
-    def from_pretrained(cls, path, subfolder: str | None = None, variant: str | None = None, device=None,
-                        dtype=None):
-        """A diffusers-format unet/ folder: config.json + diffusion_pytorch_model[.variant].safetensors."""
-        return loading.load_model(cls, path, subfolder=subfolder, variant=variant, device=device, dtype=dtype)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """sample [B, C, H, W]; timestep a number, a 0-d tensor or one per sample [B]; encoder_hidden_states

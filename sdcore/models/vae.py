@@ -101,7 +101,7 @@ class DiagonalGaussian:
         return self.mean
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(loading.Pretrained, nn.Module):
     def __init__(self, **config):
         super().__init__()
         self.config = loading.Config({**DEFAULTS, **{k: v for k, v in config.items() if k in DEFAULTS}})
@@ -114,16 +114,6 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(self.config)
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if self.config["use_quant_conv"] else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if self.config["use_post_quant_conv"] else None
-
-    @classmethod
-    def from_config(cls, config: dict):
-        return cls(**config)
-
-    @classmethod
-    def from_pretrained(cls, path, subfolder: str | None = None, variant: str | None = None, device=None,
-                        dtype=None):
-        """A diffusers-format vae/ folder: config.json + diffusion_pytorch_model[.variant].safetensors."""
-        return loading.load_model(cls, path, subfolder=subfolder, variant=variant, device=device, dtype=dtype)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         moments = self.encoder(x)
