@@ -182,6 +182,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from . import _backend, _ext, profile
+
+    def fail(message: str) -> int:
+        print(f"sdcore profile: {message}", file=sys.stderr)
+        return 2
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return fail("--device cuda but torch sees no CUDA device")
+    if args.size and any(v <= 0 or v % 8 for v in args.size):
+        return fail(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 8")
+    if args.steps < 1 or args.batch < 1:
+        return fail("--steps and --batch must be at least 1")
+    if args.compare:
+        backends = list(dict.fromkeys(b.strip() for b in args.compare.split(",")))
+        unknown = [b for b in backends if b not in _backend.BACKENDS]
+        if unknown or len(backends) < 2:
+            return fail(f"--compare takes two or more of {', '.join(_backend.BACKENDS)}, comma-separated; "
+                        f"got {args.compare!r}")
+    else:
+        backends = [args.backend or _backend.get_backend()]
+    if "kernels" in backends:  # else every op would fall back to torch and the table would be mislabeled
+        reason = _ext.load_error() or (args.device == "cuda" and _ext.cuda_device_reason(torch.cuda.current_device()))
+        if reason:
+            return fail(f"the kernels backend can't run here ({reason}); profile --backend torch instead")
+    if args.out:
+        try:
+            import matplotlib  # noqa: F401  (checked before minutes of profiling, not after)
+        except ImportError:
+            return fail("--out writes hotspots.png, which needs matplotlib: pip install matplotlib")
+    dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    try:
+        pipe = load_pipeline(args.model, args.arch, args.device, DTYPES[dtype], None)
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        width, height = args.size or (size, size)
+        summary = profile.run(pipe, backends, height=height, width=width, steps=args.steps, batch=args.batch,
+                              model=args.model or f"embedded {args.arch}", out=args.out)
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        return fail(str(exc))
+    print(profile.report(summary))
+    if args.out:
+        print(f"\nwrote {args.out}/summary.json, {args.out}/hotspots.png and "
+              + ", ".join(f"{args.out}/trace_{b}.json" for b in backends) + " (open in ui.perfetto.dev)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdcore", description="Stable Diffusion on fused CPU/CUDA kernels with a reference path.")
@@ -246,6 +292,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out.png", help="output PNG (with --n > 1: out-0.png, out-1.png, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "profile", help="where the time of one image goes: per component, op family and op",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Runs the whole pipeline once to warm up, then once under torch.profiler, with a range "
+                    "(and on CUDA an NVTX range)\naround each component: text_encoder, unet, scheduler_step, "
+                    "vae_decode. Without --model the embedded\nrandom-weight model runs (--arch); its timing is "
+                    "that of the real architecture.",
+        epilog="""output (times in ms per image; docs/PROFILING.md explains every table):
+  components  each component's time, share of the wall time, calls and peak memory (MiB allocated above
+              what was live when it started); 'pipeline overhead' = wall time minus the components.
+              CPU: self CPU time of the ops in the component's ranges; CUDA: GPU time of the kernels they
+              launched.
+  families    each component split into attention, group_norm, layer_norm, conv, linear/matmul,
+              elementwise, copy/layout, scheduler, other (sdcore.profile.OP_FAMILIES/KERNEL_PATTERNS);
+              'other' includes the time between ops and the unknown names, which are listed.
+  top ops     the 15 ops (CPU) or kernels (CUDA) with the most self time, with call counts.
+  UNet FLOPs  analytic GFLOP per UNet call and the achieved rate (on CUDA also the fraction of the
+              card's dense fp16/bf16 peak).
+  --compare   the same tables side by side, with X/first = X's time / the first backend's time.
+  --out DIR   trace_<backend>.json (Perfetto, chrome://tracing), summary.json, hotspots.png.
+
+example: sdcore profile --arch sd15 --size 256x256 --steps 2 --compare kernels,torch --out prof""")
+    p.add_argument("--model", metavar="DIR|FILE", help="diffusers folder or single checkpoint file")
+    p.add_argument("--arch", choices=embedded.ARCHS, default="tiny",
+                   help="embedded random-weight model when no --model is given (default tiny)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default fp32 on cpu, fp16 on cuda")
+    p.add_argument("--size", type=_size, default=None, metavar="WxH",
+                   help="image size, multiples of 8 (default: the model's native size)")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps (default 2)")
+    p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--backend", choices=["kernels", "torch", "reference"], default=None,
+                       help="backend to profile (default: kernels when built)")
+    which.add_argument("--compare", metavar="A,B", help="profile each backend in turn, e.g. kernels,torch")
+    p.add_argument("--out", metavar="DIR", help="write traces, summary.json and hotspots.png here")
+    p.set_defaults(func=cmd_profile)
     return parser
 
 
