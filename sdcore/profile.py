@@ -339,7 +339,7 @@ def _backend_details(name: str, r: dict, s: dict) -> list:
     lines = [f"[{name}] top {len(r['top'])} {what} (whole run); family = where their time was counted",
              f"{'ms/image':>10}{'calls':>7}{'family':>15}  name"]
     lines += [f"{op['ms_per_image']:>10.3f}{op['calls']:>7}{op['family']:>15}  {op['name'][:80]}" for op in r["top"]]
-    lines.append(f"[{name}] unknown names (ms/image, counted as 'other'): " + ("none" if not r["unknown"] else ""))
+    lines.append(f"[{name}] unknown names (ms/image, counted as 'other'):" + ("" if r["unknown"] else " none"))
     lines += [f"{ms:>10.3f}  {n[:100]}" for n, ms in r["unknown"].items()]
     fl, per_call = r["flops"], f"{r['flops']['unet_gflop_per_call']:.1f} GFLOP per call"
     if s["device"] == "cpu":
