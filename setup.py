@@ -85,6 +85,7 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "safetensors", "transformers>=4.53", "pillow", "tqdm"],
-    extras_require={"test": ["pytest", "diffusers", "transformers", "safetensors"]},
+    extras_require={"profile": ["matplotlib"],
+                    "test": ["pytest", "diffusers", "transformers", "safetensors", "matplotlib"]},
     entry_points={"console_scripts": ["sdcore=sdcore.cli:main"]},
 )
