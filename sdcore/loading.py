@@ -102,7 +102,16 @@ def load_weights(module: torch.nn.Module, state: dict, source) -> None:
         problems.append(f"wrong shapes: {'; '.join(wrong[:10])}")
     if problems:
         raise ValueError(f"{source}: " + " | ".join(problems))
-    module.load_state_dict(state, strict=True)
+    # assign: a module built on the meta device (see build_empty) takes the loaded tensors themselves, so
+    # they must have the dense layout a freshly built parameter has (converted ones can be views).
+    module.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True, assign=True)
+
+
+def build_empty(cls, config: dict):
+    """``cls.from_config(config)`` with its parameters on the meta device: no memory and no random init, for a
+    model whose every tensor is about to be loaded (an SD 1.5 UNet's init alone takes seconds)."""
+    with torch.device("meta"):
+        return cls.from_config(config)
 
 
 def load_model(cls, path, subfolder=None, variant=None, device=None, dtype=None):
@@ -118,7 +127,7 @@ def load_model(cls, path, subfolder=None, variant=None, device=None, dtype=None)
     weights = next((c for c in candidates if c.exists()), None)
     if weights is None:
         raise FileNotFoundError(f"{folder}: no weights file ({' or '.join(c.name for c in candidates)})")
-    model = cls.from_config(config)
+    model = build_empty(cls, config)
     load_weights(model, read_state_dict(weights), weights)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -117,9 +117,9 @@ class StableDiffusionPipeline:
 
         parts = single_file.load_components(path, prediction_type=prediction_type, use_ema=use_ema,
                                             **detect_overrides)
-        unet = UNet2DConditionModel.from_config(parts["unet_config"])
+        unet = loading.build_empty(UNet2DConditionModel, parts["unet_config"])
         loading.load_weights(unet, parts["unet_state"], f"{path} (UNet)")
-        vae = AutoencoderKL.from_config(parts["vae_config"])
+        vae = loading.build_empty(AutoencoderKL, parts["vae_config"])
         loading.load_weights(vae, parts["vae_state"], f"{path} (VAE)")
         text_encoder = build_text_encoder(parts["text_config"], parts["text_state"], source=f"{path} (text encoder)")
         scheduler = _scheduler_from_config(parts["scheduler_config"], path)

@@ -52,3 +52,23 @@ def test_ckpt_with_pickled_objects_is_refused_with_the_reason(tmp_path):
         loading.read_state_dict(path)
     torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     assert torch.equal(loading.read_state_dict(path)["state_dict"]["w"], torch.zeros(2))
+
+
+def test_loading_builds_on_the_meta_device_and_assigns(tmp_path):
+    # No random init for a model whose every tensor is loaded: from_pretrained's parameters are the file's.
+    from safetensors.torch import save_file
+
+    from sdcore import embedded
+    from sdcore.models import AutoencoderKL
+
+    config = embedded.CONFIGS["tiny"]["vae"]
+    torch.manual_seed(0)
+    state = {k: v + 1 for k, v in AutoencoderKL.from_config(config).state_dict().items()}
+    (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+    save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    empty = loading.build_empty(AutoencoderKL, config)
+    assert all(p.is_meta for p in empty.parameters())
+    vae = AutoencoderKL.from_pretrained(tmp_path)
+    assert not any(p.is_meta for p in vae.parameters())
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in state.items())
+    assert all(p.is_contiguous() and p.requires_grad for p in vae.parameters())
