@@ -41,17 +41,24 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _setup_error(args) -> str | None:
+    """What the device and size arguments of generate / validate / profile can get wrong, before any work."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but torch sees no CUDA device"
+    if args.size and any(v <= 0 or v % 8 for v in args.size):
+        return f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 8"
+    return None
+
+
 def cmd_validate(args) -> int:
     from . import _ext, validate
 
-    if _ext.load_error():
-        print(f"sdcore validate: {_ext.load_error()}", file=sys.stderr)
+    error = _ext.load_error() or _setup_error(args)
+    if error:
+        print(f"sdcore validate: {error}", file=sys.stderr)
         return 2
     device = args.device
     if device == "cuda":
-        if not torch.cuda.is_available():
-            print("sdcore validate: --device cuda but torch sees no CUDA device", file=sys.stderr)
-            return 2
         reason = _ext.cuda_device_reason(torch.cuda.current_device())
         if reason:
             print(f"sdcore validate: {reason}", file=sys.stderr)
@@ -75,9 +82,6 @@ def cmd_validate(args) -> int:
 def _validate_components(args, device, dtypes) -> int:
     from . import validate_models
 
-    if args.size and any(v <= 0 or v % 8 for v in args.size):
-        print("sdcore validate: --size width and height must be positive multiples of 8", file=sys.stderr)
-        return 2
     passed = True
     for dtype in dtypes:
         try:
@@ -133,12 +137,9 @@ def cmd_generate(args) -> int:
     from . import schedulers
     from .pipeline import StableDiffusionImg2ImgPipeline
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("sdcore generate: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    if args.size and any(v <= 0 or v % 8 for v in args.size):
-        print(f"sdcore generate: --size {args.size[0]}x{args.size[1]}: width and height must be positive "
-              "multiples of 8", file=sys.stderr)
+    error = _setup_error(args)
+    if error:
+        print(f"sdcore generate: {error}", file=sys.stderr)
         return 2
     if args.strength is not None and args.init_image is None:
         print("sdcore generate: --strength needs --init-image", file=sys.stderr)
@@ -189,10 +190,9 @@ def cmd_profile(args) -> int:
         print(f"sdcore profile: {message}", file=sys.stderr)
         return 2
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return fail("--device cuda but torch sees no CUDA device")
-    if args.size and any(v <= 0 or v % 8 for v in args.size):
-        return fail(f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 8")
+    error = _setup_error(args)
+    if error:
+        return fail(error)
     if args.steps < 1 or args.batch < 1:
         return fail("--steps and --batch must be at least 1")
     if args.compare:

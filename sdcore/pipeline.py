@@ -189,18 +189,24 @@ class StableDiffusionPipeline:
         uncond = self._embed(self._tokens(negatives), None).repeat_interleave(num_images_per_prompt, dim=0)
         return torch.cat([uncond, cond])
 
+    def _conditioning(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale, clip_skip):
+        """The UNet's text embeddings in the pipeline's dtype, and how many images they make. Guidance is on
+        when guidance_scale > 1, as in diffusers."""
+        guidance = guidance_scale > 1.0
+        embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, clip_skip)
+        return embeds.to(self.dtype), embeds.shape[0] // (2 if guidance else 1)
+
     # ------------------------------------------------------------------------------------------ noise
     def _noise(self, shape, count: int, generator, seed, dtype):
         """Starting noise, the generator for the sampler's own noise (ancestral steps), and the seeds. With a
         seed, image i starts from seed + i on a CPU generator, so a seed gives the same image on any device;
         a caller's generator is used as diffusers uses it."""
+        if isinstance(generator, list):  # one per image
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
+            return noise.to(self.device, dtype), generator[0], [None] * count
         if generator is not None:
-            gens = generator if isinstance(generator, list) else [generator]
-            if isinstance(generator, list):
-                noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in gens])
-            else:
-                noise = torch.randn(shape, generator=generator, device=generator.device)
-            return noise.to(self.device, dtype), gens[0], [None] * count
+            noise = torch.randn(shape, generator=generator, device=generator.device)
+            return noise.to(self.device, dtype), generator, [None] * count
         base = random.randrange(2**31) if seed is None else int(seed)
         seeds = [base + i for i in range(count)]
         noise = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -263,10 +269,8 @@ class StableDiffusionPipeline:
         height, width = height or size, width or size
         self._check_size(height, width)
         with self._backend_scope():
-            guidance = guidance_scale > 1.0
-            embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, clip_skip)
-            embeds = embeds.to(self.dtype)
-            count = embeds.shape[0] // (2 if guidance else 1)
+            embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
+                                               clip_skip)
             shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor,
                      width // self.vae_scale_factor)
             self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -318,10 +322,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         with self._backend_scope():
-            guidance = guidance_scale > 1.0
-            embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, clip_skip)
-            embeds = embeds.to(self.dtype)
-            count = embeds.shape[0] // (2 if guidance else 1)
+            embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
+                                               clip_skip)
             x = _image_tensor(image, self.vae_scale_factor).to(self.device, self.dtype)
             if count % x.shape[0]:
                 raise ValueError(f"{x.shape[0]} images for {count} outputs")
