@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import _backend
+from . import _backend, loading
 
 COMPONENTS = ("text_encoder", "unet", "scheduler_step", "vae_decode")
 OVERHEAD = "pipeline overhead"
@@ -212,8 +212,7 @@ def unet_flops(pipe, height: int, width: int, batch: int) -> int:
     backend, whose attention is plain matmuls the counter sees."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
-        unet = type(pipe.unet).from_config(dict(pipe.unet.config))
+    unet = loading.build_empty(type(pipe.unet), dict(pipe.unet.config))
     f = pipe.vae_scale_factor
     x = torch.zeros(2 * batch, unet.config.in_channels, height // f, width // f, device="meta")
     text = torch.zeros(2 * batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device="meta")
