@@ -3,20 +3,27 @@ StableDiffusionPipeline does, on sdcore's models: one batched UNet call per step
 (uncond first), guidance folded into the fused scheduler step, the VAE decode, and seeds you can reuse.
 
 Prompts longer than CLIP's 77 tokens are truncated, as diffusers does, with a warning that names the
-dropped words."""
+dropped words.
+
+Thread safety: one pipeline may serve calls from several threads at once. Each call works on its own copy
+of the scheduler (the schedule, step index and multistep history are per call), tokenizing is serialized,
+and the backend scope is thread-local, so every call returns exactly what it would have returned alone."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import _backend, loading, schedulers
+from .args import check_int, checked
 from .models import AutoencoderKL, UNet2DConditionModel, load_text_encoder
 from .models.text_encoder import build_text_encoder
 
@@ -32,6 +39,46 @@ class PipelineOutput:
 
     images: object
     seeds: list
+
+
+class NonFiniteError(RuntimeError):
+    """A generation produced NaN or Inf: ``component`` ("text encoder", "UNet", "scheduler step", "VAE decode"
+    or "callback") at ``step`` (1-based; None outside the denoising loop). No image is returned."""
+
+    def __init__(self, component: str, step: int | None, total: int):
+        self.component, self.step = component, step
+        where = f" at step {step} of {total}" if step is not None else ""
+        super().__init__(
+            f"the {component} produced NaN/Inf{where}, so the image would be garbage (often black) and none "
+            "is returned. Usual causes: float16 overflow (try dtype bf16 or fp32), corrupt weights, or an input "
+            "holding NaN. Pass allow_nan=True (sdcore generate --allow-nan) to get the image anyway, for "
+            "debugging.")
+
+
+class _FiniteWatch:
+    """Checks each component's output for NaN/Inf. On the CPU a check is immediate; on a GPU each one is a
+    device-side flag, read once at the end (one sync per generation instead of one per step)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.pending = enabled, total, []
+
+    def check(self, tensor: torch.Tensor, component: str, step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        bad = ~torch.isfinite(tensor).all()
+        if tensor.device.type == "cpu":
+            if bad:
+                raise NonFiniteError(component, step, self.total)
+        else:
+            self.pending.append((component, step, bad))
+
+    def raise_if_bad(self) -> None:
+        pending, self.pending = self.pending, []
+        if pending:
+            flags = torch.stack([bad for _, _, bad in pending]).tolist()
+            for (component, step, _), bad in zip(pending, flags):
+                if bad:
+                    raise NonFiniteError(component, step, self.total)
 
 
 def _rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, factor: float) -> torch.Tensor:
@@ -77,6 +124,8 @@ class StableDiffusionPipeline:
         self.backend = _backend._check(backend) if backend is not None else None
         self.scheduler_config = dict(scheduler.source_config)  # the model's, for set_scheduler
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        # transformers' tokenizers keep padding/truncation settings on the tokenizer object while they encode.
+        self._tokenizer_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -151,9 +200,10 @@ class StableDiffusionPipeline:
     # ------------------------------------------------------------------------------------------ prompts
     def _tokens(self, prompts: list[str]) -> torch.Tensor:
         tok = self.tokenizer
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
+        with self._tokenizer_lock:
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            full = tok(prompts, padding="longest", return_tensors="pt").input_ids
         if full.shape[-1] > ids.shape[-1]:
             for prompt, row in zip(prompts, full):
                 dropped = tok.decode(row[tok.model_max_length - 1:-1], skip_special_tokens=True).strip()
@@ -175,7 +225,7 @@ class StableDiffusionPipeline:
                       clip_skip: int | None = None) -> torch.Tensor:
         """[uncond; cond] text embeddings (cond only without guidance), each prompt repeated per image.
         As in diffusers, clip_skip applies to the prompt, not to the negative prompt."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _prompt_list("prompt", prompt)
         cond = self._embed(self._tokens(prompts), clip_skip)
         cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
         if not guidance:
@@ -183,18 +233,55 @@ class StableDiffusionPipeline:
         if negative_prompt is None:
             negatives = [""] * len(prompts)
         else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = _prompt_list("negative_prompt", negative_prompt)
+            negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
             if len(negatives) != len(prompts):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         uncond = self._embed(self._tokens(negatives), None).repeat_interleave(num_images_per_prompt, dim=0)
         return torch.cat([uncond, cond])
 
-    def _conditioning(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale, clip_skip):
+    def _conditioning(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale, clip_skip, watch):
         """The UNet's text embeddings in the pipeline's dtype, and how many images they make. Guidance is on
         when guidance_scale > 1, as in diffusers."""
         guidance = guidance_scale > 1.0
         embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, clip_skip)
+        watch.check(embeds, "text encoder")
         return embeds.to(self.dtype), embeds.shape[0] // (2 if guidance else 1)
+
+    def _check_call(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
+                    num_images_per_prompt, eta, seed, clip_skip, output_type) -> int:
+        """Every argument a call shares, checked before any work; returns the number of prompts."""
+        prompts = _prompt_list("prompt", prompt)
+        if negative_prompt is not None:
+            negatives = _prompt_list("negative_prompt", negative_prompt)
+            if not isinstance(negative_prompt, str) and len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        steps = checked("steps", "num_inference_steps", num_inference_steps)
+        train_steps = self.scheduler.config["num_train_timesteps"]
+        if steps > train_steps:
+            raise ValueError(f"num_inference_steps must be at most the schedule's {train_steps} training "
+                             f"timesteps, got {steps}")
+        checked("guidance", "guidance_scale", guidance_scale)
+        checked("guidance_rescale", "guidance_rescale", guidance_rescale)
+        count = checked("images", "num_images_per_prompt", num_images_per_prompt) * len(prompts)
+        checked("eta", "eta", eta)
+        if seed is not None:
+            seed = checked("seed", "seed", seed)
+            if seed + count - 1 > 2**63 - 1:
+                raise ValueError(f"seed must be at most 2**63 - {count} so that every image's seed + i fits, got {seed}")
+        if clip_skip is not None:
+            layers = self.text_encoder.config.num_hidden_layers
+            check_int("clip_skip", clip_skip, 0, layers - 1)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        return len(prompts)
+
+    def _scheduler_for_call(self, num_inference_steps: int) -> schedulers.Scheduler:
+        """A copy of the pipeline's scheduler with its timesteps set: the schedule, step index and multistep
+        history belong to this call, so calls from several threads never share them."""
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        return sched
 
     # ------------------------------------------------------------------------------------------ noise
     def _noise(self, shape, count: int, generator, seed, dtype):
@@ -216,12 +303,13 @@ class StableDiffusionPipeline:
     def _check_size(self, height, width):
         f = self.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
-            if v <= 0 or v % f:
-                raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
+            v = checked("side", name, v)
+            if v % f:
+                raise ValueError(f"{name} must be a multiple of {f} (the VAE's downsampling factor), got {v}")
 
-    def _denoise(self, latents, timesteps, embeds, guidance_scale, guidance_rescale, step_generator, eta,
-                 callback_on_step_end, progress):
-        sched, cfg = self.scheduler, embeds.shape[0] == 2 * latents.shape[0]
+    def _denoise(self, sched, latents, timesteps, embeds, guidance_scale, guidance_rescale, step_generator, eta,
+                 callback_on_step_end, progress, watch):
+        cfg = embeds.shape[0] == 2 * latents.shape[0]
         step_kwargs = {"eta": eta} if isinstance(sched, schedulers.DDIMScheduler) else {}
         iterator = timesteps
         if progress:
@@ -231,6 +319,7 @@ class StableDiffusionPipeline:
         for i, t in enumerate(iterator):
             x = torch.cat([latents, latents]) if cfg else latents
             out = self.unet(sched.scale_model_input(x, t), t, embeds)
+            watch.check(out, "UNet", i + 1)
             if cfg and guidance_rescale > 0:
                 uncond, cond = out.chunk(2)
                 guided = _rescale_guidance(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale)
@@ -238,17 +327,22 @@ class StableDiffusionPipeline:
             else:  # guidance happens inside the fused step
                 latents = sched.step(out, t, latents, generator=step_generator,
                                      guidance_scale=guidance_scale if cfg else None, **step_kwargs).prev_sample
+            watch.check(latents, "scheduler step", i + 1)
             if callback_on_step_end is not None:
                 changed = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                latents = changed.get("latents", latents)
+                if "latents" in changed:
+                    latents = changed["latents"]
+                    watch.check(latents, "callback", i + 1)
+        watch.raise_if_bad()
         return latents
 
-    def _decode(self, latents, output_type):
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    def _decode(self, latents, output_type, watch):
         if output_type == "latent":
             return latents
-        image = (self.vae.decode(latents / self.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
+        image = self.vae.decode(latents / self.vae.config.scaling_factor)
+        watch.check(image, "VAE decode")
+        watch.raise_if_bad()
+        image = (image / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return image
         array = image.permute(0, 2, 3, 1).float().cpu().numpy()
@@ -263,43 +357,72 @@ class StableDiffusionPipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  num_images_per_prompt: int = 1, eta: float = 0.0, generator=None, seed: int | None = None,
                  latents: torch.Tensor | None = None, clip_skip: int | None = None, output_type: str = "pil",
-                 callback_on_step_end=None, progress: bool = True) -> PipelineOutput:
-        """Text to image. Guidance is on when guidance_scale > 1 (one UNet call on [uncond; cond] per step)."""
+                 callback_on_step_end=None, progress: bool = True, allow_nan: bool = False) -> PipelineOutput:
+        """Text to image. Guidance is on when guidance_scale > 1 (one UNet call on [uncond; cond] per step).
+        Every argument is checked before any work. A NaN/Inf in any component's output raises
+        :class:`NonFiniteError` naming the component and step, unless ``allow_nan``."""
+        n_prompts = self._check_call(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, seed=seed, clip_skip=clip_skip,
+            output_type=output_type)
         size = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or size, width or size
+        height = size if height is None else height
+        width = size if width is None else width
         self._check_size(height, width)
+        count = n_prompts * num_images_per_prompt
+        shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        if isinstance(generator, list) and len(generator) != count:
+            raise ValueError(f"generator: {len(generator)} generators for {count} images")
+        watch = _FiniteWatch(not allow_nan, num_inference_steps)
         with self._backend_scope():
             embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
-                                               clip_skip)
-            shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor,
-                     width // self.vae_scale_factor)
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+                                               clip_skip, watch)
+            sched = self._scheduler_for_call(num_inference_steps)
             if latents is None:
                 latents, step_generator, seeds = self._noise(shape, count, generator, seed, self.dtype)
             else:
-                if tuple(latents.shape) != shape:
-                    raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
                 latents, seeds = latents.to(self.device, self.dtype), [None] * count
                 step_generator = generator[0] if isinstance(generator, list) else generator
                 if step_generator is None and seed is not None:
                     step_generator = _step_generator(int(seed))
-            latents = latents * self.scheduler.init_noise_sigma
-            latents = self._denoise(latents, self.scheduler.timesteps, embeds, guidance_scale, guidance_rescale,
-                                    step_generator, eta, callback_on_step_end, progress)
-            return PipelineOutput(self._decode(latents, output_type), seeds)
+            latents = latents * sched.init_noise_sigma
+            latents = self._denoise(sched, latents, sched.timesteps, embeds, guidance_scale, guidance_rescale,
+                                    step_generator, eta, callback_on_step_end, progress, watch)
+            return PipelineOutput(self._decode(latents, output_type, watch), seeds)
+
+
+def _prompt_list(name: str, prompt) -> list[str]:
+    """A prompt or a list of prompts as a non-empty list of str, or a TypeError naming the argument."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+    return list(prompts)
 
 
 def _image_tensor(image, multiple: int) -> torch.Tensor:
     """A PIL image (or a [B, 3, H, W] tensor in [0, 1]) as [-1, 1], cropped down to a multiple of the VAE's
     factor the way diffusers' image processor resizes."""
+    from PIL import Image
+
     if isinstance(image, torch.Tensor):
         x = image if image.ndim == 4 else image[None]
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"image: a tensor image must be float [B, 3, H, W] or [3, H, W] in [0, 1], got "
+                             f"{x.dtype} {tuple(image.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("image: the tensor holds NaN or Inf")
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a torch tensor, got {type(image).__name__}")
     else:
-        from PIL import Image
-
         image = image.convert("RGB")
         w, h = (s - s % multiple for s in image.size)
         if (w, h) != image.size:
+            if w == 0 or h == 0:
+                raise ValueError(f"image: {image.size[0]}x{image.size[1]} is smaller than {multiple} pixels")
             image = image.resize((w, h), resample=Image.LANCZOS)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     if x.shape[-1] % multiple or x.shape[-2] % multiple:
@@ -318,22 +441,31 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     def __call__(self, prompt, image, strength: float = 0.8, negative_prompt=None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, num_images_per_prompt: int = 1,
                  eta: float = 0.0, generator=None, seed: int | None = None, clip_skip: int | None = None,
-                 output_type: str = "pil", callback_on_step_end=None, progress: bool = True) -> PipelineOutput:
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
+                 output_type: str = "pil", callback_on_step_end=None, progress: bool = True,
+                 allow_nan: bool = False) -> PipelineOutput:
+        """Image to image: ``strength`` of the schedule is redone on the encoded ``image``. Arguments and
+        NaN/Inf are checked as in text to image."""
+        n_prompts = self._check_call(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, seed=seed, clip_skip=clip_skip,
+            output_type=output_type)
+        strength = checked("strength", "strength", strength)
+        if int(num_inference_steps * strength) == 0:
+            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run "
+                             f"(strength x steps must be at least 1)")
+        x = _image_tensor(image, self.vae_scale_factor)
+        count = n_prompts * num_images_per_prompt
+        if count % x.shape[0]:
+            raise ValueError(f"image: {x.shape[0]} images for {count} outputs")
+        watch = _FiniteWatch(not allow_nan, num_inference_steps)
         with self._backend_scope():
             embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
-                                               clip_skip)
-            x = _image_tensor(image, self.vae_scale_factor).to(self.device, self.dtype)
-            if count % x.shape[0]:
-                raise ValueError(f"{x.shape[0]} images for {count} outputs")
-
-            sched = self.scheduler
-            sched.set_timesteps(num_inference_steps, device=self.device)
+                                               clip_skip, watch)
+            x = x.to(self.device, self.dtype)
+            sched = self._scheduler_for_call(num_inference_steps)
             t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
             timesteps = sched.timesteps[t_start * sched.order:]
-            if len(timesteps) == 0:
-                raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
             sched.set_begin_index(t_start * sched.order)
 
             seeds = [None] * count
@@ -345,6 +477,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             init = init.repeat(count // x.shape[0], 1, 1, 1)  # each image encoded once, tiled as diffusers does
             noise = torch.randn(init.shape, generator=gen, device=gen.device).to(self.device, self.dtype)
             latents = sched.add_noise(init, noise, timesteps[:1])
-            latents = self._denoise(latents, timesteps, embeds, guidance_scale, guidance_rescale, gen, eta,
-                                    callback_on_step_end, progress)
-            return PipelineOutput(self._decode(latents, output_type), seeds)
+            watch.check(latents, "VAE encode")
+            latents = self._denoise(sched, latents, timesteps, embeds, guidance_scale, guidance_rescale, gen, eta,
+                                    callback_on_step_end, progress, watch)
+            return PipelineOutput(self._decode(latents, output_type, watch), seeds)

@@ -126,11 +126,20 @@ def _ranged(fn, name: str, nvtx: bool):
 @contextlib.contextmanager
 def component_ranges(pipe, nvtx: bool = False):
     """Wrap the four component entry points of ``pipe`` in ranges named after :data:`COMPONENTS`."""
-    targets = [(pipe.text_encoder, "forward", "text_encoder"), (pipe.unet, "forward", "unet"),
-               (pipe.scheduler, "step", "scheduler_step"), (pipe.vae, "decode", "vae_decode")]
-    saved = [(obj, attr, vars(obj).get(attr)) for obj, attr, _ in targets]
-    for obj, attr, name in targets:
-        setattr(obj, attr, _ranged(getattr(obj, attr), name, nvtx))
+    def ranged_scheduler(make):
+        # Each call denoises on its own copy of the scheduler: range the step of the copy it makes.
+        def wrapper(*args, **kwargs):
+            sched = make(*args, **kwargs)
+            sched.step = _ranged(sched.step, "scheduler_step", nvtx)
+            return sched
+        return wrapper
+
+    targets = [(pipe.text_encoder, "forward", _ranged, "text_encoder"), (pipe.unet, "forward", _ranged, "unet"),
+               (pipe, "_scheduler_for_call", lambda fn, *_: ranged_scheduler(fn), None),
+               (pipe.vae, "decode", _ranged, "vae_decode")]
+    saved = [(obj, attr, vars(obj).get(attr)) for obj, attr, _, _ in targets]
+    for obj, attr, wrap, name in targets:
+        setattr(obj, attr, wrap(getattr(obj, attr), name, nvtx))
     try:
         yield
     finally:
