@@ -26,7 +26,7 @@ test: build
 
 demo: build
 	$(PYTHON) -m sdcore info
-	$(PYTHON) -m sdcore generate "a photo of an astronaut riding a horse on the moon" --seed 0 --out demo.png
+	$(PYTHON) -m sdcore generate "a photo of an astronaut riding a horse on the moon" --seed 0 --out demo.png --overwrite
 
 bench: build
 	$(PYTHON) bench/ops.py --device cpu

@@ -1,19 +1,31 @@
 """sdcore: Stable Diffusion on fused CPU/CUDA kernels, with a plain-PyTorch reference path that every
-fast result can be checked against."""
-from . import ops, schedulers
+fast result can be checked against.
+
+Every public subpackage and name loads on first use (``sdcore.models.UNet2DConditionModel`` works after a
+bare ``import sdcore``), so ``import sdcore`` stays light and the ``sdcore`` command starts fast."""
+import importlib
+
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
-from .step import StepCoefficients
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "schedulers", "BACKENDS", "get_backend", "set_backend", "use_backend", "StepCoefficients",
-           "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "__version__"]
+# Subpackages and modules reachable as attributes of the package.
+_SUBMODULES = ("ops", "schedulers", "models", "pipeline", "loading", "single_file", "embedded", "reference",
+               "validate", "validate_models", "profile", "outputs", "args", "cli")
+# Names re-exported from a submodule: name -> module.
+_NAMES = {"StepCoefficients": "step", "StableDiffusionPipeline": "pipeline",
+          "StableDiffusionImg2ImgPipeline": "pipeline", "NonFiniteError": "pipeline"}
+
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "__version__", *_SUBMODULES, *_NAMES]
 
 
 def __getattr__(name):
-    # The pipelines import the models; `import sdcore` alone (ops, backends) stays light.
-    if name in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
-        from . import pipeline
-
-        return getattr(pipeline, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _NAMES:
+        return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
     raise AttributeError(f"module 'sdcore' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

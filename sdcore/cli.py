@@ -1,17 +1,34 @@
-"""The ``sdcore`` command."""
+"""The ``sdcore`` command.
+
+Errors a user can make (arguments, files, models, NaN in a generation) print one line and exit 2 (1 for a
+generation that went NaN); Ctrl-C prints one line and exits 130; anything else prints one line and
+"run with --debug for the traceback". torch is imported inside main, so that even Ctrl-C during start-up
+gets the one line."""
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
 
-import torch
+from . import args as ranges
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+               "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+class UsageError(Exception):
+    """A bad command line found after parsing (exit 2, one line)."""
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 def cmd_info(args) -> int:
+    import torch
+
     from . import _backend, _ext
 
     info = _ext.build_info()
@@ -41,68 +58,66 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _setup_error(args) -> str | None:
-    """What the device and size arguments of generate / validate / profile can get wrong, before any work."""
+def _check_device(args) -> None:
+    """--device, which every model command shares, before any work."""
+    import torch
+
     if args.device == "cuda" and not torch.cuda.is_available():
-        return "--device cuda but torch sees no CUDA device"
-    if args.size and any(v <= 0 or v % 8 for v in args.size):
-        return f"--size {args.size[0]}x{args.size[1]}: width and height must be positive multiples of 8"
-    return None
+        raise UsageError("--device cuda but torch sees no CUDA device")
+
+
+def _check_kernels_device(args) -> None:
+    import torch
+
+    from . import _ext
+
+    reason = _ext.load_error() or (args.device == "cuda" and _ext.cuda_device_reason(torch.cuda.current_device()))
+    if reason:
+        raise UsageError(reason)
 
 
 def cmd_validate(args) -> int:
-    from . import _ext, validate
+    from . import validate
 
-    error = _ext.load_error() or _setup_error(args)
-    if error:
-        print(f"sdcore validate: {error}", file=sys.stderr)
-        return 2
-    device = args.device
-    if device == "cuda":
-        reason = _ext.cuda_device_reason(torch.cuda.current_device())
-        if reason:
-            print(f"sdcore validate: {reason}", file=sys.stderr)
-            return 2
+    _check_device(args)
+    _check_kernels_device(args)
     components = args.model is not None or args.arch is not None
-    default = ["fp32"] if device == "cpu" else (["fp16"] if components else ["fp16", "bf16", "fp32"])
-    names = args.dtype or default
+    default = ["fp32"] if args.device == "cpu" else (["fp16"] if components else ["fp16", "bf16", "fp32"])
     dtypes = []
-    for name in names:
+    for name in args.dtype or default:
         for part in name.split(","):
-            if part not in DTYPES:
-                print(f"sdcore validate: unknown dtype {part!r}; use fp32, fp16 or bf16", file=sys.stderr)
-                return 2
-            dtypes.append(DTYPES[part])
+            if part not in DTYPE_NAMES:
+                raise UsageError(f"--dtype: unknown dtype {part!r}; use fp32, fp16 or bf16")
+            dtypes.append(_dtype(part))
     if components:
-        return _validate_components(args, device, dtypes)
-    results = validate.run(device, dtypes, quick=args.quick)
+        return _validate_components(args, dtypes)
+    results = validate.run(args.device, dtypes, quick=args.quick)
     return 0 if all(r.passed for r in results) else 1
 
 
-def _validate_components(args, device, dtypes) -> int:
+def _validate_components(args, dtypes) -> int:
     from . import validate_models
 
     passed = True
     for dtype in dtypes:
-        try:
-            pipe = load_pipeline(args.model, args.arch or "tiny", device, dtype, None)
-        except (ValueError, FileNotFoundError, NotImplementedError) as exc:
-            print(f"sdcore validate: {exc}", file=sys.stderr)
-            return 2
+        pipe = load_pipeline(args.model, args.arch or "tiny", args.device, dtype, None)
         results = validate_models.run(pipe, size=args.size, steps=args.steps)
         passed = passed and all(r.passed for r in results)
     return 0 if passed else 1
 
 
 def _size(text: str) -> tuple[int, int]:
+    lo, hi = ranges.RANGES["side"]
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT like 512x512, got {text!r}") from None
+    if not (lo <= w <= hi and lo <= h <= hi) or w % 8 or h % 8:
+        raise argparse.ArgumentTypeError(f"width and height must be multiples of 8 in {lo}..{hi}, got {text!r}")
     return w, h
 
 
-def load_pipeline(model: str | None, arch: str, device: str, dtype: torch.dtype, backend: str | None):
+def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str | None):
     """A diffusers folder, a single checkpoint file, or (no --model) the embedded random-weight default."""
     from pathlib import Path
 
@@ -126,101 +141,99 @@ def _outputs(out: str, n: int) -> list:
     path = Path(out)
     if n == 1:
         return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
+
+
+def _open_init_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise UsageError(f"--init-image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"--init-image {path}: not an image PIL can read ({exc})") from None
+    return image
 
 
 def cmd_generate(args) -> int:
     import time
 
-    from PIL import PngImagePlugin
-
-    from . import schedulers
+    from . import outputs, schedulers
     from .pipeline import StableDiffusionImg2ImgPipeline
 
-    error = _setup_error(args)
-    if error:
-        print(f"sdcore generate: {error}", file=sys.stderr)
-        return 2
+    _check_device(args)
     if args.strength is not None and args.init_image is None:
-        print("sdcore generate: --strength needs --init-image", file=sys.stderr)
-        return 2
+        raise UsageError("--strength needs --init-image")
+    paths = _outputs(args.out, args.n)
     try:
-        pipe = load_pipeline(args.model, args.arch, args.device, DTYPES[args.dtype], args.backend)
-        if args.scheduler:
-            pipe.set_scheduler(args.scheduler)
-        width, height = args.size if args.size else (None, None)
-        common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, num_images_per_prompt=args.n, seed=args.seed,
-                      progress=not args.no_progress)
-        start = time.perf_counter()
-        if args.init_image:
-            from PIL import Image
+        outputs.check_outputs(paths, args.overwrite)
+    except (ValueError, FileExistsError) as exc:
+        raise UsageError(f"--out {exc}") from None
+    image = _open_init_image(args.init_image) if args.init_image else None
+    pipe = load_pipeline(args.model, args.arch, args.device, _dtype(args.dtype), args.backend)
+    if args.scheduler:
+        pipe.set_scheduler(args.scheduler)
+    width, height = args.size if args.size else (None, None)
+    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, num_images_per_prompt=args.n, seed=args.seed,
+                  progress=not args.no_progress, allow_nan=args.allow_nan)
+    start = time.perf_counter()
+    if image is not None:
+        from PIL import Image
 
-            image = Image.open(args.init_image)
-            if args.size:
-                image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
-            result = StableDiffusionImg2ImgPipeline.from_pipe(pipe)(
-                args.prompt, image, strength=0.8 if args.strength is None else args.strength, **common)
-        else:
-            result = pipe(args.prompt, height=height, width=width, **common)
-        seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"sdcore generate: {exc}", file=sys.stderr)
-        return 2
+        if args.size:
+            image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+        result = StableDiffusionImg2ImgPipeline.from_pipe(pipe)(
+            args.prompt, image, strength=0.8 if args.strength is None else args.strength, **common)
+    else:
+        result = pipe(args.prompt, height=height, width=width, **common)
+    seconds = time.perf_counter() - start
     sampler = args.scheduler or next((k for k, (cls, _) in schedulers.NAMES.items()
                                       if type(pipe.scheduler) is cls), type(pipe.scheduler).__name__)
-    for path, image, seed in zip(_outputs(args.out, len(result.images)), result.images, result.seeds):
-        meta = PngImagePlugin.PngInfo()  # the A1111-style "parameters" chunk: how to make this image again
-        meta.add_text("parameters", f"{args.prompt}\nNegative prompt: {args.negative_prompt or ''}\n"
-                                    f"Steps: {args.steps}, Sampler: {sampler}, CFG scale: {args.guidance}, "
-                                    f"Seed: {seed}, Size: {image.width}x{image.height}, "
-                                    f"Model: {args.model or 'embedded ' + args.arch}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, pnginfo=meta)
-        print(f"wrote {path}  ({image.width}x{image.height}, seed {seed})")
+    for path, picture, seed in zip(paths, result.images, result.seeds):
+        settings = {"Steps": args.steps, "Sampler": sampler, "CFG scale": args.guidance, "Seed": seed,
+                    "Size": f"{picture.width}x{picture.height}", "Model": args.model or "embedded " + args.arch}
+        if image is not None:
+            settings["Denoising strength"] = 0.8 if args.strength is None else args.strength
+        text = outputs.parameters_text(args.prompt, args.negative_prompt, settings)
+        outputs.save(picture, path, text, overwrite=args.overwrite)
+        print(f"wrote {path}  ({picture.width}x{picture.height}, seed {seed})")
     print(f"{len(result.images)} image(s), {args.steps} steps, {seconds:.1f} s on {args.device} "
           f"({args.dtype}, backend {pipe.backend or __import__('sdcore').get_backend()})")
     return 0
 
 
 def cmd_profile(args) -> int:
-    from . import _backend, _ext, profile
+    from . import _backend, profile
 
-    def fail(message: str) -> int:
-        print(f"sdcore profile: {message}", file=sys.stderr)
-        return 2
-
-    error = _setup_error(args)
-    if error:
-        return fail(error)
-    if args.steps < 1 or args.batch < 1:
-        return fail("--steps and --batch must be at least 1")
+    _check_device(args)
     if args.compare:
         backends = list(dict.fromkeys(b.strip() for b in args.compare.split(",")))
         unknown = [b for b in backends if b not in _backend.BACKENDS]
         if unknown or len(backends) < 2:
-            return fail(f"--compare takes two or more of {', '.join(_backend.BACKENDS)}, comma-separated; "
-                        f"got {args.compare!r}")
+            raise UsageError(f"--compare takes two or more of {', '.join(_backend.BACKENDS)}, comma-separated; "
+                             f"got {args.compare!r}")
     else:
         backends = [args.backend or _backend.get_backend()]
     if "kernels" in backends:  # else every op would fall back to torch and the table would be mislabeled
-        reason = _ext.load_error() or (args.device == "cuda" and _ext.cuda_device_reason(torch.cuda.current_device()))
-        if reason:
-            return fail(f"the kernels backend can't run here ({reason}); profile --backend torch instead")
+        try:
+            _check_kernels_device(args)
+        except UsageError as exc:
+            raise UsageError(f"the kernels backend can't run here ({exc}); profile --backend torch instead") \
+                from None
     if args.out:
         try:
             import matplotlib  # noqa: F401  (checked before minutes of profiling, not after)
         except ImportError:
-            return fail("--out writes hotspots.png, which needs matplotlib: pip install matplotlib")
+            raise UsageError("--out writes hotspots.png, which needs matplotlib: pip install matplotlib") from None
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
-    try:
-        pipe = load_pipeline(args.model, args.arch, args.device, DTYPES[dtype], None)
-        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        width, height = args.size or (size, size)
-        summary = profile.run(pipe, backends, height=height, width=width, steps=args.steps, batch=args.batch,
-                              model=args.model or f"embedded {args.arch}", out=args.out)
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
-        return fail(str(exc))
+    pipe = load_pipeline(args.model, args.arch, args.device, _dtype(dtype), None)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = args.size or (size, size)
+    summary = profile.run(pipe, backends, height=height, width=width, steps=args.steps, batch=args.batch,
+                          model=args.model or f"embedded {args.arch}", out=args.out)
     print(profile.report(summary))
     if args.out:
         print(f"\nwrote {args.out}/summary.json, {args.out}/hotspots.png and "
@@ -228,73 +241,107 @@ def cmd_profile(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- parsers
+def _ranged(key: str, what: str, default) -> dict:
+    """add_argument keywords for a range-checked number whose help shows the range and the default."""
+    lo, hi = ranges.RANGES[key]
+    return dict(type=ranges.cli_type(key), default=default, metavar="N" if isinstance(lo, int) else "X",
+                help=f"{what}, {ranges.describe(lo, hi)} (default {default})")
+
+
+def _parents(default_device: str):
+    """The options several commands share, defined once."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an internal error")
+
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=["cpu", "cuda"], default=default_device,
+                        help=f"where to run (default {default_device}: cuda when torch sees a GPU, else cpu)")
+
+    from . import embedded
+
+    model = argparse.ArgumentParser(add_help=False)
+    source = model.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR|FILE", help="a diffusers folder or a single checkpoint file")
+    source.add_argument("--arch", choices=embedded.ARCHS, default=None,
+                        help="the embedded random-weight model when no --model is given (default tiny)")
+    lo, hi = ranges.RANGES["side"]
+    model.add_argument("--size", type=_size, default=None, metavar="WxH",
+                       help=f"image size, width and height multiples of 8 in {lo}..{hi} (default: the model's "
+                            "native size)")
+    return common, device, model
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import torch
+
+    from . import schedulers
+
+    common, device, model = _parents("cuda" if torch.cuda.is_available() else "cpu")
     parser = argparse.ArgumentParser(
         prog="sdcore", description="Stable Diffusion on fused CPU/CUDA kernels with a reference path.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="versions, compiled kernels and archs, devices, default backend")
+    p = sub.add_parser("info", parents=[common], help="versions, compiled kernels and archs, devices, default backend")
     p.set_defaults(func=cmd_info)
+
     p = sub.add_parser(
-        "validate", help="run every op over the Stable Diffusion shapes: kernels vs reference",
+        "validate", parents=[common, device, model], help="run every op over the Stable Diffusion shapes: kernels vs reference",
         description="Runs attention, group_norm(+SiLU) and the fused scheduler step over the shapes SD 1.x/2.x "
                     "use, on the kernels backend, and compares with a float64 reference. float32 must agree "
                     "within 1e-5 relative; float16/bfloat16 within 2x the error of PyTorch's own ops in the "
                     "same precision. Prints a table; exit code 1 on any FAIL.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the kernels run (default cpu)")
     p.add_argument("--dtype", action="append", metavar="DTYPE",
                    help="fp32, fp16 or bf16; repeat or comma-separate (default: fp32 on cpu, all three on cuda)")
     p.add_argument("--quick", action="store_true", help="skip the two largest VAE GroupNorm shapes")
-    from . import embedded
-
     models = p.add_argument_group(
         "component validation",
         "With --model or --arch, validate a whole model instead: the text encoder, one UNet step (CFG batch 2), "
         "the VAE decode and a short generation from seed 0, each on the kernels and the reference backend, "
         "reporting max abs / max rel error and the image's PSNR. float32: rel <= 1e-4 and PSNR >= 60 dB; "
         "fp16/bf16: within 2x of the torch backend's own difference from the reference (PSNR: torch - 6 dB). "
-        "Default dtype: fp32 on cpu, fp16 on cuda.")
-    source = models.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR|FILE", help="a diffusers folder or a single checkpoint file")
-    source.add_argument("--arch", choices=embedded.ARCHS, help="the embedded random-weight model")
-    models.add_argument("--size", type=_size, default=None, metavar="WxH", help="image size (default: native)")
-    models.add_argument("--steps", type=int, default=4, help="steps of the generation (default 4)")
+        "Default dtype: fp32 on cpu, fp16 on cuda. --size sets the image size of the generation.")
+    models.add_argument("--steps", **_ranged("steps", "steps of the generation", 4))
     p.set_defaults(func=cmd_validate)
 
-    from . import schedulers
-
     p = sub.add_parser(
-        "generate", help="text-to-image (or image-to-image with --init-image) to a PNG",
+        "generate", parents=[common, device, model],
+        help="text-to-image (or image-to-image with --init-image) to a PNG, JPEG or WebP",
         description="Generates images with Stable Diffusion 1.x/2.x. --model takes a diffusers-format folder or "
                     "an original .safetensors/.ckpt checkpoint; without it, an embedded model with the SD "
                     "architecture and RANDOM weights runs (--arch), which shows the pipeline works and how fast, "
-                    "but draws noise. Prompts over 77 CLIP tokens are truncated with a warning. The PNG keeps "
-                    "the prompt, seed and settings in its 'parameters' text chunk.")
+                    "but draws noise. Prompts over 77 CLIP tokens are truncated with a warning. Every number is "
+                    "checked before any work. The image keeps the prompt, seed and settings (PNG: 'parameters' "
+                    "text chunk; JPEG/WebP: EXIF UserComment), is written atomically, and never replaces an "
+                    "existing file without --overwrite.")
     p.add_argument("prompt")
-    p.add_argument("--model", metavar="DIR|FILE", help="diffusers folder or single checkpoint file")
-    p.add_argument("--arch", choices=embedded.ARCHS, default="tiny",
-                   help="embedded random-weight model when no --model is given (default tiny)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--size", type=_size, default=None, metavar="WxH",
-                   help="image size, multiples of 8 (default: the model's native size)")
+    p.add_argument("--steps", **_ranged("steps", "denoising steps (at most the model's training timesteps)", 25))
+    p.add_argument("--guidance", **_ranged("guidance", "classifier-free guidance scale; <= 1 turns it off", 7.5))
+    p.add_argument("--seed", type=ranges.cli_type("seed"), default=None, metavar="N",
+                   help=f"seed of the first image, {ranges.describe(*ranges.RANGES['seed'])}; image i uses seed + i "
+                        "(default: random, printed)")
     p.add_argument("--scheduler", choices=list(schedulers.NAMES), default=None,
                    help="sampler (default: the model's own)")
-    p.add_argument("--n", type=int, default=1, help="images for the prompt (default 1)")
+    p.add_argument("--n", **_ranged("images", "images for the prompt", 1))
     p.add_argument("--backend", choices=["kernels", "torch", "reference"], default=None,
                    help="where attention/GroupNorm/steps run (default: kernels when built)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="(default fp32)")
     p.add_argument("--init-image", metavar="IMG", help="image-to-image: start from this picture")
-    p.add_argument("--strength", type=float, default=None,
-                   help="img2img: how much of the schedule to redo, 0..1 (default 0.8)")
-    p.add_argument("--out", default="out.png", help="output PNG (with --n > 1: out-0.png, out-1.png, ...)")
+    p.add_argument("--strength", type=ranges.cli_type("strength"), default=None, metavar="X",
+                   help="img2img: how much of the schedule to redo, [0, 1] (default 0.8)")
+    p.add_argument("--out", default="out.png",
+                   help="output image, .png, .jpg/.jpeg or .webp (default out.png; with --n > 1: out-0.png, "
+                        "out-1.png, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    p.add_argument("--allow-nan", action="store_true",
+                   help="write the image even if the generation went NaN/Inf (for debugging; default: stop "
+                        "with an error naming the component and step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, arch_default="tiny")
 
     p = sub.add_parser(
-        "profile", help="where the time of one image goes: per component, op family and op",
+        "profile", parents=[common, device, model],
+        help="where the time of one image goes: per component, op family and op",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Runs the whole pipeline once to warm up, then once under torch.profiler, with a range "
                     "(and on CUDA an NVTX range)\naround each component: text_encoder, unet, scheduler_step, "
@@ -315,28 +362,60 @@ def build_parser() -> argparse.ArgumentParser:
   --out DIR   trace_<backend>.json (Perfetto, chrome://tracing), summary.json, hotspots.png.
 
 example: sdcore profile --arch sd15 --size 256x256 --steps 2 --compare kernels,torch --out prof""")
-    p.add_argument("--model", metavar="DIR|FILE", help="diffusers folder or single checkpoint file")
-    p.add_argument("--arch", choices=embedded.ARCHS, default="tiny",
-                   help="embedded random-weight model when no --model is given (default tiny)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="default fp32 on cpu, fp16 on cuda")
-    p.add_argument("--size", type=_size, default=None, metavar="WxH",
-                   help="image size, multiples of 8 (default: the model's native size)")
-    p.add_argument("--steps", type=int, default=2, help="denoising steps (default 2)")
-    p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--steps", **_ranged("steps", "denoising steps", 2))
+    p.add_argument("--batch", **_ranged("batch", "images per prompt", 1))
     which = p.add_mutually_exclusive_group()
     which.add_argument("--backend", choices=["kernels", "torch", "reference"], default=None,
                        help="backend to profile (default: kernels when built)")
     which.add_argument("--compare", metavar="A,B", help="profile each backend in turn, e.g. kernels,torch")
     p.add_argument("--out", metavar="DIR", help="write traces, summary.json and hotspots.png here")
-    p.set_defaults(func=cmd_profile)
+    p.set_defaults(func=cmd_profile, arch_default="tiny")
     return parser
 
 
+def _run(argv) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "arch_default", None) and getattr(args, "arch", None) is None:
+        args.arch = args.arch_default
+    try:
+        return args.func(args)
+    except Exception as exc:
+        return _report(args, exc)
+
+
+def _report(args, exc: Exception) -> int:
+    """One line for the error; the traceback only with --debug."""
+    from .pipeline import NonFiniteError
+
+    name = f"sdcore {args.command}"
+    if isinstance(exc, NonFiniteError):
+        print(f"{name}: {str(exc).replace('allow_nan=True (sdcore generate --allow-nan)', '--allow-nan')}"
+              " No file was written.", file=sys.stderr)
+        return 1
+    if args.debug:
+        raise exc
+    if isinstance(exc, (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError,
+                        NotImplementedError, PermissionError, IsADirectoryError)):
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError) and exc.errno is not None:  # disk full, read-only folder, ...
+        print(f"{name}: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
+        return 2
+    print(f"{name}: internal error: {type(exc).__name__}: {exc}\nrun with --debug for the traceback",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        # Outputs are written through a temporary file that is removed on the way out: nothing partial stays.
+        print("sdcore: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -249,8 +249,9 @@ class StableDiffusionPipeline:
         return embeds.to(self.dtype), embeds.shape[0] // (2 if guidance else 1)
 
     def _check_call(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
-                    num_images_per_prompt, eta, seed, clip_skip, output_type) -> int:
-        """Every argument a call shares, checked before any work; returns the number of prompts."""
+                    num_images_per_prompt, eta, seed, clip_skip, output_type):
+        """Every argument a call shares, checked before any work; returns the number of prompts and the call's
+        scheduler, its timesteps set."""
         prompts = _prompt_list("prompt", prompt)
         if negative_prompt is not None:
             negatives = _prompt_list("negative_prompt", negative_prompt)
@@ -274,13 +275,21 @@ class StableDiffusionPipeline:
             check_int("clip_skip", clip_skip, 0, layers - 1)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        return len(prompts)
+        return len(prompts), self._scheduler_for_call(steps)
 
     def _scheduler_for_call(self, num_inference_steps: int) -> schedulers.Scheduler:
         """A copy of the pipeline's scheduler with its timesteps set: the schedule, step index and multistep
-        history belong to this call, so calls from several threads never share them."""
+        history belong to this call, so calls from several threads never share them. A step count the
+        schedule can't take (a timestep past the training range, as 'leading' spacing with steps_offset
+        reaches near the top) is refused here, before any work."""
         sched = copy.deepcopy(self.scheduler)
         sched.set_timesteps(num_inference_steps, device=self.device)
+        train_steps = sched.config["num_train_timesteps"]
+        top = float(sched.timesteps.max())
+        if not 0 <= float(sched.timesteps.min()) <= top < train_steps:
+            raise ValueError(f"num_inference_steps={num_inference_steps} is more than {type(sched).__name__} "
+                             f"can take with this model's schedule (it would reach timestep {top:g}; the "
+                             f"training range is 0..{train_steps - 1}); use fewer steps")
         return sched
 
     # ------------------------------------------------------------------------------------------ noise
@@ -350,7 +359,8 @@ class StableDiffusionPipeline:
             return array
         from PIL import Image
 
-        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        # nan_to_num: only an allow_nan call gets here with NaN, and wants its (black) image without a warning.
+        return [Image.fromarray((np.nan_to_num(a) * 255).round().astype(np.uint8)) for a in array]
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
@@ -361,7 +371,7 @@ class StableDiffusionPipeline:
         """Text to image. Guidance is on when guidance_scale > 1 (one UNet call on [uncond; cond] per step).
         Every argument is checked before any work. A NaN/Inf in any component's output raises
         :class:`NonFiniteError` naming the component and step, unless ``allow_nan``."""
-        n_prompts = self._check_call(
+        n_prompts, sched = self._check_call(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt, eta=eta, seed=seed, clip_skip=clip_skip,
@@ -381,7 +391,6 @@ class StableDiffusionPipeline:
         with self._backend_scope():
             embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                                clip_skip, watch)
-            sched = self._scheduler_for_call(num_inference_steps)
             if latents is None:
                 latents, step_generator, seeds = self._noise(shape, count, generator, seed, self.dtype)
             else:
@@ -445,7 +454,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                  allow_nan: bool = False) -> PipelineOutput:
         """Image to image: ``strength`` of the schedule is redone on the encoded ``image``. Arguments and
         NaN/Inf are checked as in text to image."""
-        n_prompts = self._check_call(
+        n_prompts, sched = self._check_call(
             prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt, eta=eta, seed=seed, clip_skip=clip_skip,
@@ -463,7 +472,6 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                                clip_skip, watch)
             x = x.to(self.device, self.dtype)
-            sched = self._scheduler_for_call(num_inference_steps)
             t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
             timesteps = sched.timesteps[t_start * sched.order:]
             sched.set_begin_index(t_start * sched.order)

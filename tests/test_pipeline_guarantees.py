@@ -42,6 +42,8 @@ BAD_CALLS = [
     (dict(num_inference_steps=2.5), TypeError, "num_inference_steps must be an integer"),
     (dict(num_inference_steps=True), TypeError, "num_inference_steps must be an integer"),
     (dict(num_inference_steps=1001), ValueError, "num_inference_steps"),
+    # PLMS with 'leading' spacing and steps_offset 1 would reach timestep 1000 of 0..999.
+    (dict(num_inference_steps=1000), ValueError, "num_inference_steps=1000 is more than PNDMScheduler can take"),
     (dict(guidance_scale=math.nan), ValueError, "guidance_scale must be a finite number in [0, 100], got nan"),
     (dict(guidance_scale=math.inf), ValueError, "guidance_scale"),
     (dict(guidance_scale=-1.0), ValueError, "guidance_scale"),
