@@ -67,6 +67,7 @@ BAD = [
     (["validate", "--size", "12x12", "--arch", "tiny"], "--size"),
     (["profile", "--steps", "0"], "--steps"),
     (["profile", "--batch", "0"], "--batch"),
+    (["profile", "--size", "65x64"], "--size"),
     (["profile", "--compare", "kernels"], "--compare"),
     (["profile", "--compare", "kernels,bogus"], "--compare"),
     (["profile", "--backend", "torch", "--compare", "kernels,torch"], "--compare"),

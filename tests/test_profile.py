@@ -214,21 +214,7 @@ def test_cli_compare(tmp_path, capsys):
     assert fams["kernels"].get("scheduler", 0) > 0 and "scheduler" not in fams["torch"]  # torch: unfused step
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--compare", "kernels,bogus"], "--compare takes"),
-    (["--compare", "kernels"], "--compare takes"),
-    (["--size", "65x64"], "multiples of 8"),
-    (["--steps", "0"], "at least 1"),
-])
-def test_cli_errors(argv, message, capsys):
-    assert cli.main(["profile", "--device", "cpu", *argv]) == 2
-    assert message in capsys.readouterr().err
-
-
-def test_cli_compare_and_backend_exclusive(capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["profile", "--backend", "torch", "--compare", "kernels,torch"])
-    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+# The profile command's bad arguments are in tests/test_cli_errors.py's table.
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
