@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import random
 import threading
@@ -105,14 +104,14 @@ def _scheduler_from_config(config: dict, source) -> schedulers.Scheduler:
         cls = schedulers.PNDMScheduler
     if cls is schedulers.PNDMScheduler:
         config = {**config, "skip_prk_steps": True}  # PLMS, which is what SD's PNDM configs run
-    return cls.from_config(config)
+    return cls.from_checked_config(config, source)
 
 
 def _scheduler_from_folder(path: Path) -> schedulers.Scheduler:
     config_file = path / "scheduler" / "scheduler_config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: missing (every Stable Diffusion folder has a scheduler/)")
-    return _scheduler_from_config(json.loads(config_file.read_text()), config_file)
+    return _scheduler_from_config(loading.read_json(config_file), config_file)
 
 
 class StableDiffusionPipeline:
@@ -136,21 +135,20 @@ class StableDiffusionPipeline:
         if not (path / "model_index.json").exists():
             raise FileNotFoundError(f"{path}: no model_index.json (expected a diffusers-format Stable Diffusion "
                                     "folder; for a single .safetensors/.ckpt file use from_single_file)")
+        loading.read_json(path / "model_index.json")  # only checked: the component folders are fixed names
         for part in ("unet", "vae", "text_encoder", "scheduler"):
             if not (path / part).is_dir():
                 raise FileNotFoundError(f"{path / part}: missing component folder")
+        # The small files first, so a broken config fails before seconds of weights loading.
+        scheduler = _scheduler_from_folder(path)
+        tokenizer = loading.load_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else \
+            loading.default_tokenizer()
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, device=device,
                                                     dtype=dtype)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, device=device, dtype=dtype)
         text_encoder = load_text_encoder(path, subfolder="text_encoder", device=device, dtype=dtype,
                                          variant=variant)
-        if (path / "tokenizer").is_dir():
-            from transformers import CLIPTokenizer
-
-            tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-        else:
-            tokenizer = loading.default_tokenizer()
-        return cls(unet, vae, text_encoder, tokenizer, _scheduler_from_folder(path), backend=backend)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, backend=backend)
 
     @classmethod
     def from_single_file(cls, path, device=None, dtype=None, backend: str | None = None,

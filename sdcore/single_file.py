@@ -383,7 +383,9 @@ def convert_clip(state: dict, config: dict | None = None) -> dict:
 def _with_position_ids(out: dict, keys: list, config: dict) -> dict:
     """Older transformers keep position_ids as a persistent buffer: made fresh (some fp16 SD 1.x files hold
     them as rounded floats)."""
-    out.update({k: torch.arange(config["max_position_embeddings"])[None] for k in keys if k.endswith(".position_ids")})
+    from .models.text_encoder import position_ids
+
+    out.update({k: position_ids(config) for k in keys if k.endswith(".position_ids")})
     return out
 
 

@@ -3,6 +3,8 @@ HF format). sdcore does not copy CLIP: it registers its attention with transform
 the causal self-attention of every layer runs through sdcore.ops.attention (and follows use_backend)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .. import _backend, ops
@@ -40,25 +42,86 @@ def register() -> str:
     return IMPLEMENTATION
 
 
-def load_text_encoder(path, subfolder: str | None = "text_encoder", device=None, dtype=None,
-                      variant: str | None = None):
-    """A CLIPTextModel from a diffusers-format folder, offline, with its attention on sdcore.ops."""
-    from transformers import CLIPTextModel
-
-    model = CLIPTextModel.from_pretrained(str(path), subfolder=subfolder or "", local_files_only=True,
-                                          attn_implementation=register(), torch_dtype=dtype, variant=variant)
-    return model.to(device).eval()
+# The config keys that size the network, with the JSON kind each must have (CLIPTextConfig's defaults). Recent
+# transformers validate these themselves; older ones would take "768" and fail inside a layer.
+_SIZE_KEYS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  projection_dim=512, attention_dropout=0.0)
 
 
-def build_text_encoder(config: dict, state: dict | None = None, device=None, dtype=None, source="text encoder"):
-    """transformers' CLIPTextModel for a config dict, with sdcore's attention: loaded strictly from ``state``
-    (every tensor present, nothing extra, shapes equal; errors name ``source``), or randomly initialized from
-    the global RNG when there is none (the embedded default model)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def text_config(config: dict, source="text encoder config"):
+    """transformers' CLIPTextConfig for a config dict; a wrongly typed or refused value is a ValueError naming
+    ``source``."""
+    from transformers import CLIPTextConfig
 
     from .. import loading
 
-    model = CLIPTextModel._from_config(CLIPTextConfig(**config), attn_implementation=register())
-    if state is not None:
-        loading.load_weights(model, state, source)
+    loading.check_config_types(config, _SIZE_KEYS, source)
+    try:
+        return CLIPTextConfig(**config)
+    except Exception as exc:  # noqa: BLE001 — transformers' strict-dataclass errors are not ValueErrors
+        raise ValueError(f"{source}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_text_encoder(path, subfolder: str | None = "text_encoder", device=None, dtype=None,
+                      variant: str | None = None):
+    """A CLIPTextModel from a diffusers-format folder (config.json + model[.variant].safetensors or
+    pytorch_model[.variant].bin), offline, with its attention on sdcore.ops. Strict, as the UNet and VAE are:
+    transformers' own from_pretrained would fill a missing tensor with random values and carry on."""
+    from .. import loading
+
+    folder = Path(path) / subfolder if subfolder else Path(path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: missing (expected a transformers CLIPTextModel folder)")
+    config = text_config(loading.read_json(config_file), config_file)
+    weights = loading.find_weights(folder, ["model.safetensors", "pytorch_model.bin"], variant)
+    return build_text_encoder(config, loading.read_state_dict(weights), device=device, dtype=dtype, source=weights)
+
+
+def position_ids(config) -> torch.Tensor:
+    """CLIP's position_ids buffer, as CLIPTextEmbeddings makes it: 0..N-1, shaped [1, N]."""
+    n = config["max_position_embeddings"] if isinstance(config, dict) else config.max_position_embeddings
+    return torch.arange(n).expand((1, -1))
+
+
+def _model_names(state: dict, model_keys, config) -> dict:
+    """A text-encoder state dict under the installed CLIPTextModel's names. transformers 5 dropped the
+    "text_model." prefix that files saved by 4.x carry (and older versions want it back). The position_ids a
+    file may hold (a persistent buffer in old transformers; rounded floats in some fp16 files) are never used:
+    made fresh where the model keeps them in its state dict, rebuilt after loading where it does not."""
+    prefix = "text_model." if any(k.startswith("text_model.") for k in model_keys) else ""
+    out = {}
+    for key, value in state.items():
+        bare = key.removeprefix("text_model.")
+        if bare == "embeddings.position_ids":
+            continue
+        name = prefix + bare
+        out[key if name in out else name] = value  # a name given twice stays as it was: unexpected, and said
+    out.update({k: position_ids(config) for k in model_keys if k.endswith(".position_ids")})
+    return out
+
+
+def build_text_encoder(config, state: dict | None = None, device=None, dtype=None, source="text encoder"):
+    """transformers' CLIPTextModel for a config (a dict or a CLIPTextConfig), with sdcore's attention: loaded
+    strictly from ``state`` (every tensor present, nothing extra, shapes and dtypes right; errors name
+    ``source``) onto a model built on the meta device, so a failed load leaves nothing half initialized; or
+    randomly initialized from the global RNG when there is no state (the embedded default model)."""
+    from transformers import CLIPTextModel
+
+    from .. import loading
+
+    config = text_config(config, source) if isinstance(config, dict) else config
+    if state is None:
+        return CLIPTextModel._from_config(config, attn_implementation=register()).to(device=device, dtype=dtype).eval()
+    with torch.device("meta"):
+        model = CLIPTextModel._from_config(config, attn_implementation=register())
+    loading.load_weights(model, _model_names(state, model.state_dict().keys(), config), source)
+    # Non-persistent buffers are in no file: load_state_dict leaves them on the meta device.
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"{name}: a buffer of CLIPTextModel that sdcore does not know how to rebuild")
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, position_ids(config))
     return model.to(device=device, dtype=dtype).eval()

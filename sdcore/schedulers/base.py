@@ -3,13 +3,12 @@ diffusers config keys, and the step through the fused op."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from .. import ops
+from .. import loading, ops
 from ..step import StepCoefficients
 
 COMMON_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -69,6 +68,19 @@ class Scheduler:
         return cls(**{**config, **overrides})
 
     @classmethod
+    def from_checked_config(cls, config: dict, source, **overrides):
+        """``from_config`` for a config read from ``source`` (a scheduler_config.json): a value of the wrong
+        JSON kind ("1000" for num_train_timesteps, "false" for a flag) or one this class refuses is a
+        ValueError naming the file."""
+        loading.check_config_types(config, {**COMMON_DEFAULTS, **cls.defaults}, source)
+        try:
+            return cls.from_config(config, **overrides)
+        except NotImplementedError as exc:  # an option sdcore lacks: the same error, naming the file
+            raise NotImplementedError(f"{source}: {exc}") from exc
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+
+    @classmethod
     def from_pretrained(cls, path, subfolder: str | None = None, **overrides):
         """Reads diffusers' scheduler_config.json from ``path`` (a file, a scheduler/ folder, or a model
         folder holding scheduler/)."""
@@ -80,7 +92,7 @@ class Scheduler:
                 p / "scheduler" / "scheduler_config.json"
         if not p.exists():
             raise FileNotFoundError(f"no scheduler_config.json at {p}")
-        return cls.from_config(json.loads(p.read_text()), **overrides)
+        return cls.from_checked_config(loading.read_json(p), p, **overrides)
 
     def spaced_timesteps(self, n: int) -> torch.Tensor:
         """The n training timesteps to visit, descending (diffusers' timestep_spacing)."""
