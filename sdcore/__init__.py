@@ -4,7 +4,7 @@ from . import ops, schedulers
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from .step import StepCoefficients
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["ops", "schedulers", "BACKENDS", "get_backend", "set_backend", "use_backend", "StepCoefficients",
            "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "__version__"]
