@@ -30,21 +30,17 @@ def require_torch():
         sys.exit(NO_TORCH)
 
 
-def get_requires_for_build_wheel(config_settings=None):
-    require_torch()
-    return _setuptools.get_requires_for_build_wheel(config_settings)
+def _torch_first(hook):
+    def checked(*args, **kwargs):
+        require_torch()
+        return hook(*args, **kwargs)
+
+    checked.__name__ = hook.__name__
+    return checked
 
 
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    require_torch()
-    return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
-
-
-def get_requires_for_build_editable(config_settings=None):
-    require_torch()
-    return _setuptools.get_requires_for_build_editable(config_settings)
-
-
-def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    require_torch()
-    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
+# The hooks that build (or first ask what building needs) check for torch; the sdist and metadata hooks don't.
+get_requires_for_build_wheel = _torch_first(_setuptools.get_requires_for_build_wheel)
+build_wheel = _torch_first(_setuptools.build_wheel)
+get_requires_for_build_editable = _torch_first(_setuptools.get_requires_for_build_editable)
+build_editable = _torch_first(_setuptools.build_editable)
