@@ -14,8 +14,11 @@ time stamp), a new venv A (always at build/test-packaging/venv-a: the compile co
 directory) and a new Python package, and ninja recompiles only what changed, as `make` does. The first run
 compiles everything; a different torch, Python, compiler or SDCORE_TEST_REBUILD=1 starts from scratch.
 """
+from __future__ import annotations
+
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -144,10 +147,20 @@ def _unpack(sdist: Path, src: Path):
     stamp.write_text(_toolchain())
 
 
+def _wheel_building() -> str | None:
+    """None if setuptools can build wheels here, else what to install: setuptools before 70.1 needs `wheel`."""
+    major, minor = (int(x) for x in version("setuptools").split(".")[:2])
+    if (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None:
+        return None
+    return f"setuptools {version('setuptools')} builds wheels only with the `wheel` package: pip install wheel"
+
+
 @pytest.fixture(scope="module")
 def installed(sdist, tmp_path_factory):
     """venv A with sdcore installed from the sdist (`pip install --no-build-isolation`, CPU-only), and a wheel
     `pip wheel --no-build-isolation` built from the same sdist."""
+    missing = _wheel_building()
+    assert missing is None, missing
     tmp = tmp_path_factory.mktemp("install")
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "lock", "w") as lock:
