@@ -1,5 +1,11 @@
 """Builds sdcore._C: CPU kernels always, CUDA kernels whenever a CUDA toolkit and a CUDA build of torch
-are present (a GPU is not needed to compile).
+are present (a GPU is not needed to compile). The project's metadata is in pyproject.toml; the version is
+sdcore/_version.py's.
+
+Build without build isolation, against the torch sdcore will run with:
+  pip install --no-build-isolation .        (or an sdist / git URL instead of .)
+  pip wheel --no-build-isolation .
+  python setup.py build_ext --inplace       (what `make` runs, incrementally)
 
 Environment:
   SDCORE_CUDA=0            CPU-only build.
@@ -9,17 +15,28 @@ Environment:
   CUDA_HOME                toolkit root; found automatically when unset (also behind an nvcc wrapper).
   SDCORE_SKIP_EXTENSION=1  package only, no compile: `make` builds the extension in place with ninja
                            (incrementally) and then registers the editable package this way.
+
+Next to the extension the build writes sdcore/_build_config.json (the torch and CUDA versions it compiled
+against, its archs), which sdcore/_ext.py reads before loading the library: a torch that differs gets
+one clear error naming both versions and the rebuild command, never an `undefined symbol`.
 """
 import glob
+import json
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from cuda_env import extra_cuda_include_dirs, find_cuda_home  # noqa: E402
+from sdcore_backend import require_torch  # noqa: E402
+
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+BUILD_CONFIG = "_build_config.json"
+# Commands that compile or install the extension; anything else (egg_info, dist_info, sdist, clean) only
+# needs the metadata, so an sdist builds without torch.
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist", "bdist_egg", "install", "develop", "editable_wheel"}
 
 
 def cuda_request():
@@ -29,63 +46,97 @@ def cuda_request():
     return value or "auto"
 
 
-REQUEST = cuda_request()
-CUDA_HOME = find_cuda_home() if REQUEST != "0" else None
-if CUDA_HOME:
-    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
-    os.environ["CUDA_HOME"] = CUDA_HOME
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
-
-def want_cuda():
-    if REQUEST == "0":
+def want_cuda(torch, request, cuda_home):
+    if request == "0":
         return False, "SDCORE_CUDA=0"
     reasons = []
     if torch.version.cuda is None:
         reasons.append(f"torch {torch.__version__} is a CPU-only build")
-    if CUDA_HOME is None:
+    if cuda_home is None:
         reasons.append("no CUDA toolkit found (nvcc + libcudart); set CUDA_HOME")
     if reasons:
-        if REQUEST == "1":
+        if request == "1":
             sys.exit("SDCORE_CUDA=1 but CUDA kernels can't be built: " + "; ".join(reasons))
         return False, "; ".join(reasons)
-    return True, f"CUDA {torch.version.cuda}, toolkit {CUDA_HOME}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+    return True, f"CUDA {torch.version.cuda}, toolkit {cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
 
 
 def build_extension():
-    with_cuda, why = want_cuda()
+    """The extension and what to record about it, or exit with one line when torch can't be imported."""
+    request = cuda_request()
+    cuda_home = find_cuda_home() if request != "0" else None
+    if cuda_home:
+        # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+        os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    require_torch()
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda, why = want_cuda(torch, request, cuda_home)
     print(f"sdcore: CUDA kernels {'ON' if with_cuda else 'OFF'} ({why})", flush=True)
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else ""
+    record = {"torch": torch.__version__, "cuda": torch.version.cuda if with_cuda else None,
+              "cuda_archs": archs.replace(" ", ";")}
+
     sources = ["csrc/ops.cpp", "csrc/common/checks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # Headers as dependencies: setuptools skips an extension whose listed files are all older than it.
+    depends = sorted(glob.glob("csrc/common/*.h") + glob.glob("csrc/cpu/*.h"))
     cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden", "-DSDCORE_PYTHON_MODULE",
            f'-DSDCORE_BUILT_WITH_TORCH="{torch.__version__}"']
     # at::parallel_for is header code: without -fopenmp the CPU kernels would run on one thread.
     cxx.append("-fopenmp")
     link = ["-fopenmp"]
     if not with_cuda:
-        return CppExtension("sdcore._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = CppExtension("sdcore._C", sources, depends=depends, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
+        return ext, BuildExtension, record
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
-    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    cxx += ["-DSDCORE_WITH_CUDA", f'-DSDCORE_CUDA_ARCHS="{archs.replace(";", " ")}"']
+    depends += sorted(glob.glob("csrc/cuda/*.h") + glob.glob("csrc/cuda/*.cuh"))
+    cxx += ["-DSDCORE_WITH_CUDA", f'-DSDCORE_CUDA_ARCHS="{archs.replace(";", " ")}"',
+            f'-DSDCORE_BUILT_WITH_CUDA="{torch.version.cuda}"']
     cxx += [f"-idirafter{d}" for d in extra_cuda_include_dirs()]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills"]
-    return CUDAExtension("sdcore._C", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                         extra_link_args=link)
+    ext = CUDAExtension("sdcore._C", sources, depends=depends, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                        extra_link_args=link)
+    return ext, BuildExtension, record
 
 
-setup(
-    name="sdcore",
-    version="0.1.0",
-    description="Stable Diffusion on fused CUDA/CPU kernels, with a plain-PyTorch reference path",
-    packages=find_packages(include=["sdcore", "sdcore.*"]),
-    package_data={"sdcore": ["data/*"]},
-    ext_modules=[] if os.environ.get("SDCORE_SKIP_EXTENSION") == "1" else [build_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "safetensors", "transformers>=4.53", "pillow", "tqdm"],
-    extras_require={"profile": ["matplotlib"],
-                    "test": ["pytest", "diffusers", "transformers", "safetensors", "matplotlib"]},
-    entry_points={"console_scripts": ["sdcore=sdcore.cli:main"]},
-)
+def build_ext_command(build_extension_class, record):
+    """torch's BuildExtension (ninja), which also writes the build record next to the library it builds,
+    and rebuilds when the record changes (another torch, SDCORE_CUDA or arch list), not only when a source
+    file is newer than the library."""
+
+    class build_ext(build_extension_class):
+        def _record_path(self):
+            return os.path.join(os.path.dirname(self.get_ext_fullpath("sdcore._C")), BUILD_CONFIG)
+
+        def run(self):
+            path = self._record_path()
+            try:
+                with open(path) as f:
+                    previous = json.load(f)
+            except (OSError, ValueError):
+                previous = None
+            if previous != record:
+                self.force = True
+            super().run()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+
+    return build_ext.with_options(use_ninja=True)
+
+
+def extension_and_commands():
+    if os.environ.get("SDCORE_SKIP_EXTENSION") == "1":
+        return [], {}
+    if not BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return [], {}
+    ext, build_extension_class, record = build_extension()
+    return [ext], {"build_ext": build_ext_command(build_extension_class, record)}
+
+
+ext_modules, cmdclass = extension_and_commands()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -15,6 +15,10 @@
 #define SDCORE_CUDA_ARCHS ""
 #endif
 
+#ifndef SDCORE_BUILT_WITH_CUDA
+#define SDCORE_BUILT_WITH_CUDA ""
+#endif
+
 namespace sdcore {
 namespace {
 
@@ -26,6 +30,7 @@ std::string build_info() {
   s += ";cuda=0;cuda_archs=";
 #endif
   s += ";built_with_torch=" SDCORE_BUILT_WITH_TORCH;
+  s += ";built_with_cuda=" SDCORE_BUILT_WITH_CUDA;  // empty: no CUDA kernels
   return s;
 }
 

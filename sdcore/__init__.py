@@ -7,7 +7,7 @@ import importlib
 
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # Subpackages and modules reachable as attributes of the package.
 _SUBMODULES = ("ops", "schedulers", "models", "pipeline", "loading", "single_file", "embedded", "reference",

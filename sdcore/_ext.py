@@ -2,14 +2,61 @@
 from __future__ import annotations
 
 import functools
+import json
+import warnings
+from pathlib import Path
 
 import torch
 
-_error: str | None = None
-try:
-    from . import _C  # noqa: F401  (registers torch.ops.sdcore.*)
-except ImportError as exc:  # not built, or built against another torch
-    _error = f"sdcore._C failed to import: {exc}"
+# Written by setup.py next to the library each time it builds it: the torch (and CUDA) it compiled against.
+# Read before the library is loaded, since a library built against another torch may not load at all
+# (`undefined symbol: ...`) or may load and crash.
+_BUILD_CONFIG = Path(__file__).with_name("_build_config.json")
+
+
+def _read_build_config() -> dict | None:
+    """The build record, or None where there is none (a build by an older setup.py, or none at all)."""
+    try:
+        return json.loads(_BUILD_CONFIG.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def rebuild_command() -> str:
+    """How to rebuild sdcore._C against the torch installed now."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir():  # a source checkout, built in place
+        return f"`make` (or `python setup.py build_ext --inplace`) in {root}"
+    return ("`pip install --no-build-isolation --no-cache-dir --force-reinstall --no-deps SOURCE` "
+            "with SOURCE the sdcore sdist, source directory or git URL")
+
+
+def _torch_words(version: str | None, cuda: str | None, without_cuda: str) -> str:
+    return f"torch {version} ({'CUDA ' + cuda if cuda else without_cuda})"
+
+
+def version_mismatch(config: dict | None) -> str | None:
+    """None if the recorded build matches the torch imported now, else the error that says so."""
+    if not config:
+        return None
+    built_torch, built_cuda = config.get("torch"), config.get("cuda")
+    if built_torch == torch.__version__ and (not built_cuda or built_cuda == torch.version.cuda):
+        return None
+    built = _torch_words(built_torch, built_cuda, "CPU kernels only")
+    now = _torch_words(torch.__version__, torch.version.cuda, "CPU-only")
+    return (f"sdcore._C was built with {built} but {now} is installed, so it is "
+            f"not loaded (ops run on the torch backend); rebuild it against this torch: {rebuild_command()}")
+
+
+_CONFIG = _read_build_config()
+_error: str | None = version_mismatch(_CONFIG)
+if _error is not None:
+    warnings.warn(_error, RuntimeWarning, stacklevel=2)
+else:
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.sdcore.*)
+    except ImportError as exc:  # not built, or built against another torch by a setup.py that kept no record
+        _error = f"sdcore._C failed to import: {exc} (build or rebuild it: {rebuild_command()})"
 
 
 def load_error() -> str | None:
@@ -18,8 +65,12 @@ def load_error() -> str | None:
 
 
 def _read_build_info() -> dict:
+    """What the extension was compiled with. ``built_with_torch`` and ``built_with_cuda`` (None: no CUDA
+    kernels) come from the build record when the library is not loaded."""
+    config = _CONFIG or {}
     if _error is not None:
-        return {"cpu": False, "cuda": False, "cuda_archs": [], "built_with_torch": None, "error": _error}
+        return {"cpu": False, "cuda": False, "cuda_archs": [], "built_with_torch": config.get("torch"),
+                "built_with_cuda": config.get("cuda"), "error": _error}
     fields = dict(item.split("=", 1) for item in torch.ops.sdcore.build_info().split(";"))
     archs = [a for a in fields.get("cuda_archs", "").replace(" ", ";").split(";") if a]
     return {
@@ -27,6 +78,7 @@ def _read_build_info() -> dict:
         "cuda": fields.get("cuda") == "1",
         "cuda_archs": archs,
         "built_with_torch": fields.get("built_with_torch"),
+        "built_with_cuda": fields.get("built_with_cuda", config.get("cuda")) or None,
         "error": None,
     }
 
@@ -36,7 +88,8 @@ _BUILD_INFO = _read_build_info()
 
 
 def build_info() -> dict:
-    """What the extension was compiled with: {'cpu': bool, 'cuda': bool, 'cuda_archs': [...], ...}."""
+    """What the extension was compiled with: {'cpu': bool, 'cuda': bool, 'cuda_archs': [...],
+    'built_with_torch': str | None, 'built_with_cuda': str | None, 'error': str | None}."""
     return _BUILD_INFO
 
 

@@ -29,6 +29,16 @@ def test_cuda_kernels_are_built_when_a_toolkit_is_present():
     assert info["cuda_archs"], "the build must record its CUDA archs"
 
 
+def test_build_records_the_torch_it_compiled_against():
+    # setup.py writes the record next to the library; sdcore/_ext.py reads it before loading the library.
+    record = _ext._read_build_config()
+    assert record is not None, f"no {_ext._BUILD_CONFIG.name} next to sdcore._C: rebuild it with setup.py"
+    info = _ext.build_info()
+    assert record["torch"] == info["built_with_torch"] == torch.__version__
+    assert record["cuda"] == info["built_with_cuda"] == (torch.version.cuda if info["cuda"] else None)
+    assert record["cuda_archs"].split(";") == info["cuda_archs"] if info["cuda"] else record["cuda_archs"] == ""
+
+
 def _reason_with(monkeypatch, archs, cap):
     info = {"cpu": True, "cuda": True, "cuda_archs": archs, "built_with_torch": "x", "error": None}
     monkeypatch.setattr(_ext, "_BUILD_INFO", info)
