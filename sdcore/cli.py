@@ -35,6 +35,8 @@ def cmd_info(args) -> int:
     print(f"sdcore        {__import__('sdcore').__version__}")
     print(f"python        {platform.python_version()}")
     print(f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    built_cuda = f"CUDA {info['built_with_cuda']}" if info.get("built_with_cuda") else "no CUDA kernels"
+    print(f"built with    torch {info['built_with_torch'] or 'unknown'}, {built_cuda}")
     if info["error"]:
         print(f"extension     NOT LOADED: {info['error']}")
     else:
