@@ -70,6 +70,32 @@ def test_non_contiguous_inputs(poisoned, device):
     assert (state.double() - ref_state).abs().max() < 1e-5 * ref_state.abs().max()
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expanded_inputs_and_special_values(poisoned, device, dtype):
+    # Stride-0 inputs are copied dense by prepare_step; NaN/inf go through the same formula as the reference,
+    # clamp included (NaN stays NaN through the clip).
+    c = COEFFS["clip"]
+    g = torch.Generator().manual_seed(4)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    mo = mk(2, 4, 1, 6).expand(2, 4, 5, 6).clone()
+    mo[0, 1, 2, 3], mo[1, 2, 0, 0], mo[0, 3, 4, 5] = float("nan"), float("inf"), float("-inf")
+    x = mk(1, 1, 5, 6).expand(1, 4, 5, 6)
+    hist = [mk(1).expand(1, 4, 5, 6)]
+    out, state = ops.scheduler_step(mo, x, c, history=hist, guidance_scale=2.0)
+    dbl = lambda t: t.double()  # noqa: E731
+    ref_out, ref_state = reference.scheduler_step(dbl(mo), dbl(x), c, history=[dbl(h) for h in hist],
+                                                  guidance_scale=2.0)
+    for got, want in ((out, ref_out), (state, ref_state)):
+        want = want.to(dtype)
+        for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(fn(got).cpu(), fn(want).cpu())
+        assert got.isnan().any()
+        finite = want.isfinite()
+        tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+        assert ((got[finite].double() - want[finite].double()).abs().max() <= tol * want[finite].abs().max()).item()
+
+
 # --- The op expresses real samplers: whole trajectories against diffusers' schedulers -------------------
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: `make test` installs it")

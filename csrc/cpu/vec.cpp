@@ -42,11 +42,22 @@ inline float clamp(float x, float lo, float hi) {
   return x < hi ? x : hi;
 }
 
-inline float fast_exp(float x) { return exp_in_range(clamp(x, -87.33654f, 88.0f)); }
+// exp(x) for softmax weights, where x = score - running max is <= 0 or NaN. A -inf score gets weight exactly 0
+// and a NaN (NaN or +inf in q or k) a NaN weight, as the reference's softmax does: the clamp alone turns both
+// into 1.2e-38, which made a NaN query row come out as the mean of v. The selects compile to blends, so the
+// loop stays vectorized.
+inline float fast_exp(float x) {
+  const float e = exp_in_range(clamp(x, -87.33654f, 88.0f));
+  return x == -INFINITY ? 0.0f : (x == x ? e : x);
+}
 
 // y * sigmoid(y) = y / (1 + exp(-y)). The clamp happens before the exp so the compiler emits a single
-// divide (the slowest vector op here); above exp(80) the quotient is already 0 to float precision.
-inline float fast_silu(float y) { return y / (1.0f + exp_in_range(clamp(-y, -87.33654f, 80.0f))); }
+// divide (the slowest vector op here). Below y = -80 the result is y * 0: -0 for finite y (|silu(y)| < 1e-33
+// there, while y / (1 + e^80) is not small once |y| > 1e20) and NaN for -inf, as y * sigmoid(y) gives.
+inline float fast_silu(float y) {
+  const float s = y / (1.0f + exp_in_range(clamp(-y, -87.33654f, 80.0f)));
+  return y < -80.0f ? y * 0.0f : s;
+}
 
 }  // namespace
 
