@@ -198,3 +198,18 @@ def test_zero_scale_keeps_nan_from_inf_scores(device):
     ref = reference.attention(q.double(), k.double(), v.double(), scale=0.0)
     assert ref.isnan().any()
     _same_special(ops.attention(q, k, v, scale=0.0).cpu(), ref.cpu())
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch", "reference"])
+@pytest.mark.parametrize("call,message", [
+    (lambda t: ops.attention(t, [1, 2], t), "sdcore.attention: k must be a torch.Tensor, got list"),
+    (lambda t: ops.attention(None, t, t), "sdcore.attention: q must be a torch.Tensor, got NoneType"),
+    (lambda t: ops.attention(t, t, t.numpy()), "sdcore.attention: v must be a torch.Tensor, got ndarray"),
+    (lambda t: ops.attention(t, t, t, causal=1), "sdcore.attention: causal must be a bool, got int"),
+    (lambda t: ops.attention(t, t, t, scale="0.1"), "sdcore.attention: scale must be a real number or None, got str"),
+], ids=["k-list", "q-none", "v-ndarray", "causal-int", "scale-str"])
+def test_non_tensor_argument_is_a_type_error(backend, call, message):
+    import sdcore
+    with sdcore.use_backend(backend), pytest.raises(TypeError) as info:
+        call(torch.randn(1, 2, 4, 8))
+    assert str(info.value) == message

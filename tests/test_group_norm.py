@@ -177,3 +177,28 @@ def test_expanded_views_of_x_weight_and_bias(poisoned, device, dtype):
     ref = reference.group_norm(x.double(), 2, w.double(), b.double(), silu=True)
     torch_out = F.silu(F.group_norm(x, 2, w, b))
     check_precision(out, torch_out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch", "reference"])
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(x=[1.0]), "sdcore.group_norm: x must be a torch.Tensor, got list"),
+    (dict(weight=(1, 2)), "sdcore.group_norm: weight must be a torch.Tensor or None, got tuple"),
+    (dict(bias=1.0), "sdcore.group_norm: bias must be a torch.Tensor or None, got float"),
+    (dict(num_groups=2.0), "sdcore.group_norm: num_groups must be an int, got float"),
+    (dict(num_groups=True), "sdcore.group_norm: num_groups must be an int, got bool"),
+    (dict(eps="1e-5"), "sdcore.group_norm: eps must be a real number, got str"),
+    (dict(eps=None), "sdcore.group_norm: eps must be a real number, got NoneType"),
+], ids=["x", "weight", "bias", "groups-float", "groups-bool", "eps-str", "eps-none"])
+def test_non_tensor_argument_is_a_type_error(backend, kwargs, message):
+    import sdcore
+    args = dict(x=torch.randn(1, 4, 2, 2), num_groups=2, weight=None, bias=None, eps=1e-5) | kwargs
+    with sdcore.use_backend(backend), pytest.raises(TypeError) as info:
+        ops.group_norm(**args)
+    assert str(info.value) == message
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(1, 4, 2, 2)
+    out = ops.group_norm(x, np.int64(2), eps=np.float32(1e-5))
+    assert torch.allclose(out, F.group_norm(x, 2), atol=1e-5)

@@ -96,6 +96,27 @@ def test_expanded_inputs_and_special_values(poisoned, device, dtype):
         assert ((got[finite].double() - want[finite].double()).abs().max() <= tol * want[finite].abs().max()).item()
 
 
+@pytest.mark.parametrize("backend", ["kernels", "torch", "reference"])
+@pytest.mark.parametrize("change,message", [
+    (dict(model_output=[0.0]), "sdcore.scheduler_step: model_output must be a torch.Tensor, got list"),
+    (dict(sample=None), "sdcore.scheduler_step: sample must be a torch.Tensor, got NoneType"),
+    (dict(noise=0.5), "sdcore.scheduler_step: noise must be a torch.Tensor or None, got float"),
+    (dict(history=[[1.0]]), "sdcore.scheduler_step: history[0] must be a torch.Tensor, got list"),
+    (dict(history=torch.zeros(1, 4, 2, 2)),
+     "sdcore.scheduler_step: history must be a sequence of torch.Tensor, got Tensor"),
+    (dict(coeffs={"next_from_sample": 1.0}),
+     "sdcore.scheduler_step: coeffs must be a sdcore.StepCoefficients, got dict"),
+    (dict(guidance_scale="7.5"), "sdcore.scheduler_step: guidance_scale must be a real number or None, got str"),
+], ids=["model_output", "sample", "noise", "history-item", "history-tensor", "coeffs", "guidance"])
+def test_non_tensor_argument_is_a_type_error(backend, change, message):
+    from sdcore import use_backend
+    s = torch.randn(1, 4, 2, 2)
+    args = dict(model_output=s, sample=s, coeffs=StepCoefficients(history=(0.5,)), history=[s]) | change
+    with use_backend(backend), pytest.raises(TypeError) as info:
+        ops.scheduler_step(**args)
+    assert str(info.value) == message
+
+
 # --- The op expresses real samplers: whole trajectories against diffusers' schedulers -------------------
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: `make test` installs it")
