@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -94,6 +96,22 @@ def test_expanded_inputs_and_special_values(poisoned, device, dtype):
         finite = want.isfinite()
         tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
         assert ((got[finite].double() - want[finite].double()).abs().max() <= tol * want[finite].abs().max()).item()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_infinite_model_output_without_guidance_stays_infinite(device, dtype):
+    # Without guidance the CPU kernel still applied guide(u, u, 1) = u + (u - u), which is NaN for u = +-inf;
+    # the reference uses the model output as is. (Found by test_ops_properties.)
+    c = StepCoefficients(x0_from_output=1.0, next_from_output=1.0, next_from_x0=1.0, state_from_output=2.0,
+                         state_from_x0=1.0)
+    mo = torch.tensor([math.inf, 1.0, -math.inf] * 3000).to(device, dtype)
+    x = torch.randn(9000).to(device, dtype)
+    out, state = ops.scheduler_step(mo, x, c)
+    ref_out, ref_state = reference.scheduler_step(mo.double(), x.double(), c)
+    for got, want in ((out, ref_out), (state, ref_state)):
+        assert torch.equal(got.isposinf().cpu(), want.isposinf().cpu()) and not got.isnan().any()
+        assert torch.equal(got.isneginf().cpu(), want.isneginf().cpu())
 
 
 @pytest.mark.parametrize("backend", ["kernels", "torch", "reference"])

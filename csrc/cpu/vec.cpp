@@ -142,23 +142,41 @@ SDCORE_MULTIVERSION void channel_sums(const float* x, int64_t pixels, int64_t ch
   }
 }
 
+namespace {
+
+// The step over n elements. Without guidance m is the model output itself: guide(u, u, 1) = u + (u - u)
+// would make it NaN wherever u is infinite, where the reference (and the CUDA kernel) keep the infinity.
+// always_inline: inlined into each clone of step_chunk, the loop is compiled for that clone's target.
+template <bool kGuided, bool kState>
+__attribute__((always_inline)) inline void step_loop(const StepCoeffs& k, const float* x, const float* uncond,
+                                                     const float* cond, float guidance, const float* const* h,
+                                                     const float* z, float* out, float* state, int64_t n) {
+  const float *h0 = h[0], *h1 = h[1], *h2 = h[2], *h3 = h[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = kGuided ? guide(uncond[i], cond[i], guidance) : uncond[i];
+    const StepResult r = step_element(k, x[i], m, h0[i], h1[i], h2[i], h3[i], z[i]);
+    out[i] = r.out;
+    if constexpr (kState) state[i] = r.state;
+  }
+}
+
+}  // namespace
+
 SDCORE_MULTIVERSION void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond,
                                     float guidance, const float* const* h, const float* z, float* out,
                                     float* state, int64_t n) {
-  const float *h0 = h[0], *h1 = h[1], *h2 = h[2], *h3 = h[3];
   const StepCoeffs k = c;
-  if (state) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      StepResult r = step_element(k, x[i], guide(uncond[i], cond[i], guidance), h0[i], h1[i], h2[i], h3[i], z[i]);
-      out[i] = r.out;
-      state[i] = r.state;
+  if (cond != nullptr) {
+    if (state) {
+      step_loop<true, true>(k, x, uncond, cond, guidance, h, z, out, state, n);
+    } else {
+      step_loop<true, false>(k, x, uncond, cond, guidance, h, z, out, state, n);
     }
+  } else if (state) {
+    step_loop<false, true>(k, x, uncond, cond, guidance, h, z, out, state, n);
   } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      out[i] = step_element(k, x[i], guide(uncond[i], cond[i], guidance), h0[i], h1[i], h2[i], h3[i], z[i]).out;
-    }
+    step_loop<false, false>(k, x, uncond, cond, guidance, h, z, out, state, n);
   }
 }
 

@@ -28,8 +28,8 @@ void affine_act_channels(const float* x, float* y, int64_t channels, const float
 // Per-channel sums over `pixels` rows of a channels_last block: sum[c] += x[p,c]-shift[c], sumsq[c] += (..)^2
 void channel_sums(const float* x, int64_t pixels, int64_t channels, const float* shift, float* sum,
                   float* sumsq);
-// A denoising step over n elements (see StepCoeffs); uncond == cond without guidance, h[i]/z are
-// zero-filled buffers where unused, state may be null.
+// A denoising step over n elements (see StepCoeffs); cond is null without guidance (uncond is then the model
+// output), h[i]/z are zero-filled buffers where unused, state may be null.
 void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
                 const float* const* h, const float* z, float* out, float* state, int64_t n);
 
