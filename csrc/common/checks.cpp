@@ -100,12 +100,6 @@ void mark_unseen_nonfinite_v(const AttentionCall& c) {
   const int64_t N = c.p.n, M = c.p.m;
   const int64_t rows = std::min(N, M - 1);  // row i has unseen keys (i, M) only while i < M - 1
   if (rows <= 0) return;
-  // The usual all-finite v costs one min/max pass on the CPU. On a GPU that check would be a host sync, so
-  // there the (few, small) ops below always run.
-  if (c.v.is_cpu()) {
-    auto [lo, hi] = at::aminmax(c.v);  // NaN-propagating
-    if (std::isfinite(lo.item<double>()) && std::isfinite(hi.item<double>())) return;
-  }
   // last[b, h, 0, d]: the last key whose v[..., d] is not finite, -1 if none.
   const at::TensorOptions index = c.v.options().dtype(at::kInt);
   const at::Tensor last = at::where(at::isfinite(c.v), -1, at::arange(M, index).view({M, 1})).amax(2, true);

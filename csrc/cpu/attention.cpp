@@ -114,19 +114,34 @@ at::Tensor blas_operand(const at::Tensor& t) {
   return blas_rows(f) ? f : f.contiguous();
 }
 
+// Whether every element of v is finite, from the float32 v the kernel read (one pass, no allocation).
+bool values_finite(const AttentionParams& p) {
+  const float* v = static_cast<const float*>(p.v);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.heads; ++h) {
+      if (!all_finite(v + b * p.v_stride_b + h * p.v_stride_h, p.m, p.d, p.v_stride_m)) return false;
+    }
+  }
+  return true;
+}
+
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                          std::optional<double> scale) {
   AttentionCall c = prepare_attention(q, k, v, causal, scale);
+  bool finite_v;
   if (c.p.dtype == DType::kFloat32 && blas_rows(c.q) && blas_rows(c.k) && blas_rows(c.v)) {
     attention_f32(c.p);
+    finite_v = !causal || values_finite(c.p);
   } else {
     // Half precision, or rows BLAS can't read: compute on float32 copies (float32 is the accumulation
     // precision anyway), round once.
     AttentionCall f = prepare_attention(blas_operand(c.q), blas_operand(c.k), blas_operand(c.v), causal, scale);
     attention_f32(f.p);
     c.out.copy_(f.out);
+    finite_v = !causal || values_finite(f.p);
   }
-  mark_unseen_nonfinite_v(c);
+  // The usual causal call (finite v) skips the ATen ops of mark_unseen_nonfinite_v.
+  if (!finite_v) mark_unseen_nonfinite_v(c);
   return c.out;
 }
 

@@ -18,7 +18,7 @@ namespace {
 
 // exp(x) for x in [-87.3, 88.0], branch-free so the loops that call it vectorize: Cody-Waite range
 // reduction to r in [-ln2/2, ln2/2], the Cephes degree-6 polynomial (about 1 ulp), and 2^n written into
-// the exponent bits (n stays within the normal range).
+// the exponent bits (n stays within the normal range there; x = -88 gives n = -127, exponent bits 0, so 0).
 inline float exp_in_range(float x) {
   float n = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
@@ -42,21 +42,22 @@ inline float clamp(float x, float lo, float hi) {
   return x < hi ? x : hi;
 }
 
-// exp(x) for softmax weights, where x = score - running max is <= 0 or NaN. A -inf score gets weight exactly 0
-// and a NaN (NaN or +inf in q or k) a NaN weight, as the reference's softmax does: the clamp alone turns both
-// into 1.2e-38, which made a NaN query row come out as the mean of v. The selects compile to blends, so the
-// loop stays vectorized.
+// exp(x) for softmax weights, where x = score - running max is <= 0 or NaN (so no upper clamp). Below -87.3
+// (a -inf score included) the weight is exactly 0, and NaN (NaN or +inf in q or k) gives NaN, as the
+// reference's softmax does: clamping both to -87.3 gave 1.2e-38, which made a NaN query row come out as the
+// mean of v. Two selects (compare + blend each); fewer vector ops than the two-sided clamp this replaces.
 inline float fast_exp(float x) {
-  const float e = exp_in_range(clamp(x, -87.33654f, 88.0f));
-  return x == -INFINITY ? 0.0f : (x == x ? e : x);
+  const float e = exp_in_range(x > -87.33654f ? x : -88.0f);  // NaN, -inf and underflow -> -88 -> 0
+  return x == x ? e : x;
 }
 
 // y * sigmoid(y) = y / (1 + exp(-y)). The clamp happens before the exp so the compiler emits a single
-// divide (the slowest vector op here). Below y = -80 the result is y * 0: -0 for finite y (|silu(y)| < 1e-33
-// there, while y / (1 + e^80) is not small once |y| > 1e20) and NaN for -inf, as y * sigmoid(y) gives.
+// divide (the slowest vector op here). Below y = -80 the divisor is inf (exp(-y) > e^80 = 5.5e34): -0 for
+// finite y, where y / (1 + e^80) is not small once |y| > 1e20, and NaN for -inf (-inf * sigmoid(-inf) in the
+// reference); a select on the divisor costs no more than the clamp-only version.
 inline float fast_silu(float y) {
-  const float s = y / (1.0f + exp_in_range(clamp(-y, -87.33654f, 80.0f)));
-  return y < -80.0f ? y * 0.0f : s;
+  const float d = 1.0f + exp_in_range(clamp(-y, -87.33654f, 80.0f));
+  return y / (y < -80.0f ? INFINITY : d);
 }
 
 }  // namespace
@@ -82,6 +83,17 @@ SDCORE_MULTIVERSION float exp_sub_sum(float* x, int64_t n, float sub) {
 SDCORE_MULTIVERSION void scale_row(float* x, int64_t n, float s) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= s;
+}
+
+SDCORE_MULTIVERSION bool all_finite(const float* x, int64_t rows, int64_t n, int64_t stride) {
+  // x - x is 0 for finite x and NaN for NaN and +-inf (not folded to 0: no -ffinite-math-only).
+  float acc = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * stride;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < n; ++j) acc += row[j] - row[j];
+  }
+  return acc == 0.0f;
 }
 
 SDCORE_MULTIVERSION void shifted_sums(const float* x, int64_t n, float shift, double& sum, double& sumsq) {

@@ -15,6 +15,8 @@ float row_max(const float* x, int64_t n);
 float exp_sub_sum(float* x, int64_t n, float sub);
 // x[j] *= s
 void scale_row(float* x, int64_t n, float s);
+// Whether rows x[r * stride + j] (r < rows, j < n) are all finite
+bool all_finite(const float* x, int64_t rows, int64_t n, int64_t stride);
 // sum_j (x[j]-shift) and sum_j (x[j]-shift)^2, accumulated in double across float chunks
 void shifted_sums(const float* x, int64_t n, float shift, double& sum, double& sumsq);
 // Rows apply y = act((x - center) * scale + shift), act = SiLU or identity. Subtracting the
