@@ -3,6 +3,8 @@
 have fake (meta) implementations here so they trace under ``torch.compile`` and CUDA graphs."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,30 @@ def kernels_reason(*tensors: torch.Tensor) -> str | None:
     return f"no sdcore kernels for device type {t.device.type!r}"
 
 
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _check_tensor(op: str, name: str, value, *, optional: bool = False) -> None:
+    # Checked before dispatch so every backend says the same thing: otherwise the kernels backend failed with
+    # an AttributeError from kernels_reason and the torch backend with whatever SDPA/group_norm said.
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return
+    expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+    raise TypeError(f"sdcore.{op}: {name} must be {expected}, got {_type_name(value)}")
+
+
+def _check_real(op: str, name: str, value, *, optional: bool = False) -> None:
+    # bool is an int to Python, but True as a scale or eps is a bug, not a number. A float is the usual case,
+    # tested first: isinstance against the numbers ABCs costs about a microsecond per op call.
+    if type(value) is float or (optional and value is None):
+        return
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return
+    expected = "a real number or None" if optional else "a real number"
+    raise TypeError(f"sdcore.{op}: {name} must be {expected}, got {_type_name(value)}")
+
+
 def _pick(op: str, *tensors) -> str:
     backend = _backend.get_backend()
     if backend == "kernels":
@@ -45,6 +71,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     1/sqrt(D). ``causal`` masks key j > query i (top-left aligned, like SDPA's is_causal).
     float32/float16/bfloat16 with float32 accumulation; D up to 512.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor("attention", name, t)
+    if not isinstance(causal, bool):
+        raise TypeError(f"sdcore.attention: causal must be a bool, got {_type_name(causal)}")
+    _check_real("attention", "scale", scale, optional=True)
     backend = _pick("attention", q, k, v)
     if backend == "kernels":
         return torch.ops.sdcore.attention(q, k, v, causal, scale)
@@ -57,6 +88,15 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
                bias: torch.Tensor | None = None, eps: float = 1e-5, *, silu: bool = False) -> torch.Tensor:
     """GroupNorm over [B, C, *spatial] with float32 statistics, optionally followed by SiLU in the same
     pass. NCHW and channels_last inputs; the output keeps the input's memory format."""
+    _check_tensor("group_norm", "x", x)
+    _check_tensor("group_norm", "weight", weight, optional=True)
+    _check_tensor("group_norm", "bias", bias, optional=True)
+    if type(num_groups) is not int:
+        if not isinstance(num_groups, numbers.Integral) or isinstance(num_groups, bool):
+            raise TypeError(f"sdcore.group_norm: num_groups must be an int, got {_type_name(num_groups)}")
+        num_groups = int(num_groups)  # numpy integers pass the check; the op schema wants Python's
+    _check_real("group_norm", "eps", eps)
+    eps = float(eps)
     backend = _pick("group_norm", x, weight, bias)
     if backend == "kernels":
         return torch.ops.sdcore.group_norm(x, num_groups, weight, bias, eps, silu)
@@ -72,7 +112,18 @@ def scheduler_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: Ste
     """One fused denoising step (see :mod:`sdcore.step`): classifier-free guidance on the [2B, ...] UNet
     output when ``guidance_scale`` is given (uncond first), the prediction-type conversion and the
     update. Returns ``(next_sample, state)``; ``state`` is None when ``return_state`` is False."""
+    _check_tensor("scheduler_step", "model_output", model_output)
+    _check_tensor("scheduler_step", "sample", sample)
+    _check_tensor("scheduler_step", "noise", noise, optional=True)
+    if not isinstance(coeffs, StepCoefficients):
+        raise TypeError(f"sdcore.scheduler_step: coeffs must be a sdcore.StepCoefficients, got {_type_name(coeffs)}")
+    # A lone tensor is iterable too (over its first dim): reject it rather than read it as a list of tensors.
+    if isinstance(history, torch.Tensor) or not hasattr(history, "__iter__"):
+        raise TypeError(f"sdcore.scheduler_step: history must be a sequence of torch.Tensor, got {_type_name(history)}")
     history = tuple(history)
+    for i, h in enumerate(history):
+        _check_tensor("scheduler_step", f"history[{i}]", h)
+    _check_real("scheduler_step", "guidance_scale", guidance_scale, optional=True)
     if len(history) != len(coeffs.history):
         raise ValueError(f"scheduler_step: {len(history)} history tensors for {len(coeffs.history)} "
                          "history coefficients")

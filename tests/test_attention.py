@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from sdcore import ops, reference
 
-from conftest import check_precision, devices, rel_error
+from conftest import check_precision, check_special, devices, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -89,3 +89,122 @@ def test_large_scores_stay_finite(poisoned, device):
     ref = reference.attention(q.double(), k.double(), v.double())
     torch_err = rel_error(F.scaled_dot_product_attention(q, k, v), ref)
     assert rel_error(out, ref) <= max(2 * torch_err, 1e-5)
+
+
+# --- Strides BLAS can't take, special values, argument types --------------------------------------------------
+
+def _same_special(out, ref):
+    """NaN/+inf/-inf where the float32 reference has them, finite elements within float32 tolerance."""
+    check_special(out, ref, ref, torch.float32)  # the torch yardstick only matters for half types
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expanded_and_overlapping_rows(poisoned, device, dtype):
+    # Rows with stride 0 (expand) or overlapping rows (as_strided): the CPU kernel passed the row stride to
+    # BLAS as the leading dimension, which MKL rejects below D ("Parameter 8 was incorrect") leaving the
+    # scores unwritten, so q expanded over N came out wrong.
+    g = torch.Generator().manual_seed(2)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    q, k, v = _inputs(2, 3, 9, 7, 16, device, dtype)
+    _check(mk(2, 3, 1, 16).expand(2, 3, 9, 16), k, v)
+    _check(q, k, mk(2, 3, 1, 16).expand(2, 3, 7, 16))
+    _check(mk(1, 1, 9, 16).expand(2, 3, 9, 16), mk(2, 1, 7, 16).expand(2, 3, 7, 16), v)
+    base = mk(400)
+    _check(q, base.as_strided((2, 3, 7, 16), (0, 20, 3, 1)), base.as_strided((2, 3, 7, 16), (5, 11, 2, 1), 7))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_single_row_with_a_stride_below_d(poisoned, device):
+    # A size-1 dim may have any stride in torch; [.., 8, 1].transpose gives N = 1 with row stride 1 < D.
+    q = torch.randn(1, 2, 16, 1, device=device).transpose(2, 3)
+    k = torch.randn(1, 2, 16, 1, device=device).transpose(2, 3)
+    assert q.stride(2) == 1
+    _check(q, k, k)
+    _check(q, *_inputs(1, 2, 5, 5, 16, device, torch.float32)[1:])
+
+
+def _special_inputs(device, n=6, m=9, d=8, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 2, length, d, generator=g).to(device) for length in (n, m, m)]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_query_row_is_nan(device, dtype):
+    # fast_exp clamped NaN to -87 (weight 1e-38 for every key), so the row came out as the mean of v.
+    q, k, v = _special_inputs(device)
+    q[0, 1, 2, 5] = float("nan")
+    out = ops.attention(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert out[0, 1, 2].isnan().all()
+    out[0, 1, 2] = 0
+    assert out.isfinite().all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_key_is_not_dropped(device, causal):
+    # A NaN key poisons every row that sees it (the reference's softmax); it used to be dropped. Causal rows
+    # before it don't see it and stay finite.
+    q, k, v = _special_inputs(device)
+    k[1, 0, 3, 0] = float("nan")
+    out = ops.attention(q, k, v, causal=causal)
+    _same_special(out.cpu(), reference.attention(q.double(), k.double(), v.double(), causal=causal).cpu())
+    assert out[1, 0, 3:].isnan().all() and out[1, 0, :3].isfinite().all() == causal
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("where", ["q+inf", "q-inf", "k+inf", "k-inf", "v+inf", "v-inf", "v-nan"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_infinities_match_the_reference(device, where, causal):
+    # +inf scores: NaN rows; a row whose scores are all -inf: NaN (0/0), not 0; -inf scores: weight 0.
+    q, k, v = _special_inputs(device)
+    t = {"q": q, "k": k, "v": v}[where[0]]
+    value = float(where[1:])
+    t[0, 0, 2, 1] = value
+    t[1, 1, 4] = value  # a whole row: q.k = +-inf for every key (or v = +-inf in every column)
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+    assert not ref.isfinite().all()
+    _same_special(ops.attention(q, k, v, causal=causal).cpu(), ref.cpu())
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_unseen_nonfinite_value_is_nan_as_in_the_reference(device, dtype):
+    # softmax(...) @ v meets the keys a causal row can't see with weight 0, and 0 * NaN = NaN: the reference
+    # (and SDPA's math path) make those output columns NaN. The kernels skip those keys; the glue applies
+    # the rule. 700 x 1100 spans several CPU row blocks and CUDA key blocks.
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, length, 16, generator=g) for length in (700, 1100, 1100))
+    v[0, 1, 1099, 3] = float("nan")
+    v[0, 0, 650, 2] = float("inf")
+    v[0, 0, 10, 7] = float("-inf")
+    ref = reference.attention(q.double(), k.double(), v.double(), causal=True)
+    out = ops.attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), causal=True)
+    for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(fn(out.cpu()), fn(ref))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_zero_scale_keeps_nan_from_inf_scores(device):
+    # BLAS skips the product when alpha == 0, so scale=0 gave finite scores where 0 * inf = NaN.
+    q, k, v = _special_inputs(device)
+    k[0, 1, 2, 3] = float("inf")
+    ref = reference.attention(q.double(), k.double(), v.double(), scale=0.0)
+    assert ref.isnan().any()
+    _same_special(ops.attention(q, k, v, scale=0.0).cpu(), ref.cpu())
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch", "reference"])
+@pytest.mark.parametrize("call,message", [
+    (lambda t: ops.attention(t, [1, 2], t), "sdcore.attention: k must be a torch.Tensor, got list"),
+    (lambda t: ops.attention(None, t, t), "sdcore.attention: q must be a torch.Tensor, got NoneType"),
+    (lambda t: ops.attention(t, t, t.numpy()), "sdcore.attention: v must be a torch.Tensor, got ndarray"),
+    (lambda t: ops.attention(t, t, t, causal=1), "sdcore.attention: causal must be a bool, got int"),
+    (lambda t: ops.attention(t, t, t, scale="0.1"), "sdcore.attention: scale must be a real number or None, got str"),
+], ids=["k-list", "q-none", "v-ndarray", "causal-int", "scale-str"])
+def test_non_tensor_argument_is_a_type_error(backend, call, message):
+    import sdcore
+    with sdcore.use_backend(backend), pytest.raises(TypeError) as info:
+        call(torch.randn(1, 2, 4, 8))
+    assert str(info.value) == message

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from sdcore import ops, reference
 
-from conftest import check_precision, devices
+from conftest import check_precision, check_special, devices
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -103,3 +103,98 @@ def test_half_input_with_float32_affine(poisoned, device):
     ref = reference.group_norm(x.double(), 32, w.double(), b.double(), silu=True)
     assert out.dtype == torch.float16
     assert ((out.double() - ref).abs().max() / ref.abs().max()).item() < 2e-3
+
+
+# --- Special values, strides, argument types ------------------------------------------------------------------
+
+def _same_special(out, ref):
+    """NaN/+inf/-inf where the float32 reference has them, finite elements within float32 tolerance."""
+    check_special(out, ref, ref, torch.float32)  # the torch yardstick only matters for half types
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_silu_of_minus_inf_is_nan(device, channels_last):
+    # y * sigmoid(y) at y = -inf is -inf * 0 = NaN (the reference and F.silu); the CPU kernel's
+    # y / (1 + exp(min(-y, 80))) gave -inf. A large finite negative y gives -0, not y / (1 + e^80).
+    x = torch.randn(2, 8, 3, 5, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.zeros(8, device=device)
+    bias[1], bias[2], bias[3] = float("-inf"), float("inf"), -1e30
+    out = ops.group_norm(x, 4, None, bias, silu=True)
+    _same_special(out, reference.group_norm(x.double(), 4, None, bias.double(), silu=True))
+    assert out[:, 1].isnan().all() and out[:, 2].isposinf().all() and (out[:, 3] == 0).all()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_infinite_weight_gives_signed_infinities(device, channels_last, silu):
+    # (x - mean) / std * inf is +-inf by the sign of x - mean. The kernels folded the low part of the mean into
+    # the shift, mean_lo * inf = +-inf (NaN when mean_lo = 0), which made the whole channel NaN.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, 4, generator=g).to(device)
+    x[1, 6:] = torch.arange(32.0).reshape(2, 4, 4)  # a group whose mean (15.5) is exact: mean_lo = 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, generator=g).to(device)
+    weight[1], weight[2], weight[7] = float("inf"), float("-inf"), float("inf")
+    ref = reference.group_norm(x.double(), 4, weight.double(), None, silu=silu)
+    assert not ref[:, 1].isfinite().any()
+    _same_special(ops.group_norm(x, 4, weight, None, silu=silu), ref)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_nan_and_inf_in_x_poison_their_group(device, dtype, channels_last):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 3, 3, generator=g)
+    x[0, 1, 2, 2], x[1, 4, 0, 1], x[1, 7, 1, 1] = float("nan"), float("inf"), float("-inf")
+    x = x.to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(8, generator=g).to(device, dtype), torch.randn(8, generator=g).to(device, dtype)
+    out = ops.group_norm(x, 4, w, b, silu=True)
+    ref = F.silu(F.group_norm(x.double(), 4, w.double(), b.double()))
+    assert torch.equal(out.isnan().cpu(), ref.isnan().cpu())
+    assert out.isnan().sum() == 3 * 2 * 9  # groups (0, 0), (1, 2), (1, 3)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expanded_views_of_x_weight_and_bias(poisoned, device, dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 8, 1, 5, generator=g).to(device, dtype).expand(2, 8, 6, 5)
+    w = torch.randn(1, generator=g).to(device, dtype).expand(8)
+    b = torch.randn(20, generator=g).to(device, dtype)[3::2][:8]
+    out = ops.group_norm(x, 2, w, b, silu=True)
+    ref = reference.group_norm(x.double(), 2, w.double(), b.double(), silu=True)
+    torch_out = F.silu(F.group_norm(x, 2, w, b))
+    check_precision(out, torch_out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch", "reference"])
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(x=[1.0]), "sdcore.group_norm: x must be a torch.Tensor, got list"),
+    (dict(weight=(1, 2)), "sdcore.group_norm: weight must be a torch.Tensor or None, got tuple"),
+    (dict(bias=1.0), "sdcore.group_norm: bias must be a torch.Tensor or None, got float"),
+    (dict(num_groups=2.0), "sdcore.group_norm: num_groups must be an int, got float"),
+    (dict(num_groups=True), "sdcore.group_norm: num_groups must be an int, got bool"),
+    (dict(eps="1e-5"), "sdcore.group_norm: eps must be a real number, got str"),
+    (dict(eps=None), "sdcore.group_norm: eps must be a real number, got NoneType"),
+], ids=["x", "weight", "bias", "groups-float", "groups-bool", "eps-str", "eps-none"])
+def test_non_tensor_argument_is_a_type_error(backend, kwargs, message):
+    import sdcore
+    args = dict(x=torch.randn(1, 4, 2, 2), num_groups=2, weight=None, bias=None, eps=1e-5) | kwargs
+    with sdcore.use_backend(backend), pytest.raises(TypeError) as info:
+        ops.group_norm(**args)
+    assert str(info.value) == message
+
+
+def test_numpy_scalars_are_accepted():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(1, 4, 2, 2)
+    out = ops.group_norm(x, np.int64(2), eps=np.float32(1e-5))
+    assert torch.allclose(out, F.group_norm(x, 2), atol=1e-5)

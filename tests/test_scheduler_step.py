@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -68,6 +70,69 @@ def test_non_contiguous_inputs(poisoned, device):
                                                   noise=noise.double(), guidance_scale=3.0)
     assert (out.double() - ref_out).abs().max() < 1e-5 * ref_out.abs().max()
     assert (state.double() - ref_state).abs().max() < 1e-5 * ref_state.abs().max()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expanded_inputs_and_special_values(poisoned, device, dtype):
+    # Stride-0 inputs are copied dense by prepare_step; NaN/inf go through the same formula as the reference,
+    # clamp included (NaN stays NaN through the clip).
+    c = COEFFS["clip"]
+    g = torch.Generator().manual_seed(4)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    mo = mk(2, 4, 1, 6).expand(2, 4, 5, 6).clone()
+    mo[0, 1, 2, 3], mo[1, 2, 0, 0], mo[0, 3, 4, 5] = float("nan"), float("inf"), float("-inf")
+    x = mk(1, 1, 5, 6).expand(1, 4, 5, 6)
+    hist = [mk(1).expand(1, 4, 5, 6)]
+    out, state = ops.scheduler_step(mo, x, c, history=hist, guidance_scale=2.0)
+    dbl = lambda t: t.double()  # noqa: E731
+    ref_out, ref_state = reference.scheduler_step(dbl(mo), dbl(x), c, history=[dbl(h) for h in hist],
+                                                  guidance_scale=2.0)
+    for got, want in ((out, ref_out), (state, ref_state)):
+        want = want.to(dtype)
+        for fn in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(fn(got).cpu(), fn(want).cpu())
+        assert got.isnan().any()
+        finite = want.isfinite()
+        tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+        assert ((got[finite].double() - want[finite].double()).abs().max() <= tol * want[finite].abs().max()).item()
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_infinite_model_output_without_guidance_stays_infinite(device, dtype):
+    # Without guidance the CPU kernel still applied guide(u, u, 1) = u + (u - u), which is NaN for u = +-inf;
+    # the reference uses the model output as is. (Found by test_ops_properties.)
+    c = StepCoefficients(x0_from_output=1.0, next_from_output=1.0, next_from_x0=1.0, state_from_output=2.0,
+                         state_from_x0=1.0)
+    mo = torch.tensor([math.inf, 1.0, -math.inf] * 3000).to(device, dtype)
+    x = torch.randn(9000).to(device, dtype)
+    out, state = ops.scheduler_step(mo, x, c)
+    ref_out, ref_state = reference.scheduler_step(mo.double(), x.double(), c)
+    for got, want in ((out, ref_out), (state, ref_state)):
+        assert torch.equal(got.isposinf().cpu(), want.isposinf().cpu()) and not got.isnan().any()
+        assert torch.equal(got.isneginf().cpu(), want.isneginf().cpu())
+
+
+@pytest.mark.parametrize("backend", ["kernels", "torch", "reference"])
+@pytest.mark.parametrize("change,message", [
+    (dict(model_output=[0.0]), "sdcore.scheduler_step: model_output must be a torch.Tensor, got list"),
+    (dict(sample=None), "sdcore.scheduler_step: sample must be a torch.Tensor, got NoneType"),
+    (dict(noise=0.5), "sdcore.scheduler_step: noise must be a torch.Tensor or None, got float"),
+    (dict(history=[[1.0]]), "sdcore.scheduler_step: history[0] must be a torch.Tensor, got list"),
+    (dict(history=torch.zeros(1, 4, 2, 2)),
+     "sdcore.scheduler_step: history must be a sequence of torch.Tensor, got Tensor"),
+    (dict(coeffs={"next_from_sample": 1.0}),
+     "sdcore.scheduler_step: coeffs must be a sdcore.StepCoefficients, got dict"),
+    (dict(guidance_scale="7.5"), "sdcore.scheduler_step: guidance_scale must be a real number or None, got str"),
+], ids=["model_output", "sample", "noise", "history-item", "history-tensor", "coeffs", "guidance"])
+def test_non_tensor_argument_is_a_type_error(backend, change, message):
+    from sdcore import use_backend
+    s = torch.randn(1, 4, 2, 2)
+    args = dict(model_output=s, sample=s, coeffs=StepCoefficients(history=(0.5,)), history=[s]) | change
+    with use_backend(backend), pytest.raises(TypeError) as info:
+        ops.scheduler_step(**args)
+    assert str(info.value) == message
 
 
 # --- The op expresses real samplers: whole trajectories against diffusers' schedulers -------------------

@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace sdcore {
 
@@ -91,6 +93,18 @@ AttentionCall prepare_attention(const at::Tensor& q_in, const at::Tensor& k_in, 
   p.causal = causal;
   p.dtype = dtype;
   return c;
+}
+
+void mark_unseen_nonfinite_v(const AttentionCall& c) {
+  if (!c.p.causal) return;
+  const int64_t N = c.p.n, M = c.p.m;
+  const int64_t rows = std::min(N, M - 1);  // row i has unseen keys (i, M) only while i < M - 1
+  if (rows <= 0) return;
+  // last[b, h, 0, d]: the last key whose v[..., d] is not finite, -1 if none.
+  const at::TensorOptions index = c.v.options().dtype(at::kInt);
+  const at::Tensor last = at::where(at::isfinite(c.v), -1, at::arange(M, index).view({M, 1})).amax(2, true);
+  const at::Tensor row = at::arange(rows, index).view({rows, 1});
+  c.out.narrow(2, 0, rows).masked_fill_(last > row, std::numeric_limits<double>::quiet_NaN());
 }
 
 GroupNormCall prepare_group_norm(const at::Tensor& x_in, int64_t num_groups, const std::optional<at::Tensor>& weight,

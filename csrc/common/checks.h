@@ -37,6 +37,14 @@ DType dtype_of(const at::Tensor& t, const char* op, const char* arg);
 AttentionCall prepare_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                                 std::optional<double> scale);
 
+// After a causal attention: the reference computes softmax(...) @ v over every key, so a key that row i
+// can't see (j > i) still meets v[j] with weight exactly 0, and 0 * NaN = 0 * inf = NaN. The kernels never
+// read those keys (that is what causal saves), so this applies the reference's rule to c.out afterwards:
+// out[i, d] = NaN where v[j, d] is not finite for some j > i. Nothing to do for causal = false; a caller
+// that knows v is finite may skip it (the CPU does; on a GPU finding out would be a host sync, so the CUDA
+// glue always runs these few small ops).
+void mark_unseen_nonfinite_v(const AttentionCall& c);
+
 GroupNormCall prepare_group_norm(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias, double eps, bool silu);
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "macros.h"
 #include "params.h"
@@ -50,8 +51,19 @@ SDCORE_HD Welford<T> welford_from_shifted_sums(T shift, T sum, T sumsq, T n) {
   w.count = n;
   w.mean = shift + sum / n;
   T m2 = sumsq - sum * sum / n;
-  w.m2 = m2 > T(0) ? m2 : T(0);
+  // Clamp rounding below 0, but keep NaN (from NaN/Inf in the data): `m2 > 0 ? m2 : 0` would zero it.
+  w.m2 = m2 < T(0) ? T(0) : m2;
   return w;
+}
+
+// Group norm writes y = (x - mean_hi) * scale + shift with mean = mean_hi + mean_lo (mean_hi = the mean rounded
+// to float), so shift = beta - mean_lo * scale. An infinite scale (inf weight, or eps = 0 on a constant group)
+// would make mean_lo * scale inf, or NaN for mean_lo = 0, and the whole channel NaN, where the reference gives
+// +-inf by the sign of x - mean: there the shift is beta alone (exact but for x == mean_hi != mean).
+template <typename T>
+SDCORE_HD T group_norm_shift(T beta, T mean_lo, T scale) {
+  const bool finite = scale <= std::numeric_limits<T>::max() && scale >= -std::numeric_limits<T>::max();
+  return finite ? beta - mean_lo * scale : beta;
 }
 
 // Online softmax (Milakov & Gimelshein; FlashAttention): after seeing a block whose row maximum is

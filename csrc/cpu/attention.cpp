@@ -29,6 +29,11 @@ void attention_f32(const AttentionParams& p) {
   const float* v = static_cast<const float*>(p.v);
   float* o = static_cast<float*>(p.o);
   const int64_t D = p.d, N = p.n, M = p.m;
+  // BLAS leading dimensions (see blas_rows): a single row's stride is never used, so D stands in for it.
+  const int64_t ldq = N == 1 ? D : p.q_stride_n, ldk = M == 1 ? D : p.k_stride_m, ldv = M == 1 ? D : p.v_stride_m;
+  // BLAS skips the product when alpha == 0 (C = beta * C), which would turn 0 * inf and 0 * NaN scores into 0;
+  // the reference's scale * (q @ k^T) makes them NaN. So scale 0 multiplies the scores afterwards.
+  const float alpha = p.scale != 0.0f ? p.scale : 1.0f;
   const int64_t kBlockN = block_rows(D);
   const int64_t n_blocks = (N + kBlockN - 1) / kBlockN;
   const int64_t tasks = p.batch * p.heads * n_blocks;
@@ -57,9 +62,8 @@ void attention_f32(const AttentionParams& p) {
         const int64_t cols = std::min(kBlockM, m_end - m0);
         // scores[r, j] = scale * q[n0+r] . k[m0+j]   (row-major rows x cols; BLAS is column-major, so this
         // is scores^T = K_blk * Q_blk^T)
-        sgemm(true, false, cols, rows, D, p.scale,
-                                  kh + m0 * p.k_stride_m, p.k_stride_m, qb, p.q_stride_n, 0.0f, scores.data(),
-                                  cols);
+        sgemm(true, false, cols, rows, D, alpha, kh + m0 * p.k_stride_m, ldk, qb, ldq, 0.0f, scores.data(), cols);
+        if (p.scale == 0.0f) scale_row(scores.data(), rows * cols, 0.0f);
         bool rescale = false;
         for (int64_t r = 0; r < rows; ++r) {
           float* s = scores.data() + r * cols;
@@ -68,7 +72,10 @@ void attention_f32(const AttentionParams& p) {
           float f = 1.0f;
           if (visible > 0) {
             f = online_softmax_rescale(row_max[r], row_sum[r], cpu::row_max(s, visible));
-            row_sum[r] += exp_sub_sum(s, visible, row_max[r]);
+            // While every score so far is -inf, subtract 0 (exp(-inf - -inf) would be NaN): the weights stay 0
+            // and a later finite score takes over. NaN scores need no special care: row_max skips them, but
+            // their weight exp(NaN) = NaN reaches row_sum and acc, so the row comes out NaN as in the reference.
+            row_sum[r] += exp_sub_sum(s, visible, row_max[r] == -INFINITY ? 0.0f : row_max[r]);
           }
           std::fill(s + visible, s + cols, 0.0f);
           factor[r] = f;
@@ -80,12 +87,13 @@ void attention_f32(const AttentionParams& p) {
           }
         }
         // acc += P * V_blk   (acc^T = V_blk^T * P^T in column-major terms)
-        sgemm(false, false, D, rows, cols, 1.0f,
-                                  vh + m0 * p.v_stride_m, p.v_stride_m, scores.data(), cols, 1.0f, acc.data(), D);
+        sgemm(false, false, D, rows, cols, 1.0f, vh + m0 * p.v_stride_m, ldv, scores.data(), cols, 1.0f, acc.data(), D);
       }
       float* ob = o + b * p.o_stride_b + h * p.o_stride_h + n0 * p.o_stride_n;
       for (int64_t r = 0; r < rows; ++r) {
-        const float inv = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
+        // Every row sees key 0, so row_sum is 0 only when all its scores were -inf: 0 * (1 / 0) = NaN, as the
+        // reference's softmax of an all -inf row. A NaN row_sum keeps the row NaN.
+        const float inv = 1.0f / row_sum[r];
         const float* a = acc.data() + r * D;
         float* dst = ob + r * p.o_stride_n;
         for (int64_t d = 0; d < D; ++d) dst[d] = a[d] * inv;
@@ -94,17 +102,46 @@ void attention_f32(const AttentionParams& p) {
   });
 }
 
+// BLAS reads each block of q, k and v rows as a matrix whose leading dimension is the row stride, and
+// requires it to be >= D: MKL rejects the call otherwise (printing "Parameter 8 was incorrect") and leaves
+// the scores unwritten. Rows that overlap (stride 0 from expand(), as_strided views) fail that; a single row
+// is fine whatever its stride (attention_f32 passes D for it).
+bool blas_rows(const at::Tensor& t) { return t.size(2) == 1 || t.stride(2) >= t.size(3); }
+
+// float32 rows BLAS can read: no copy for float32 input that already qualifies.
+at::Tensor blas_operand(const at::Tensor& t) {
+  at::Tensor f = t.to(at::kFloat);
+  return blas_rows(f) ? f : f.contiguous();
+}
+
+// Whether every element of v is finite, from the float32 v the kernel read (one pass, no allocation).
+bool values_finite(const AttentionParams& p) {
+  const float* v = static_cast<const float*>(p.v);
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.heads; ++h) {
+      if (!all_finite(v + b * p.v_stride_b + h * p.v_stride_h, p.m, p.d, p.v_stride_m)) return false;
+    }
+  }
+  return true;
+}
+
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                          std::optional<double> scale) {
   AttentionCall c = prepare_attention(q, k, v, causal, scale);
-  if (c.p.dtype == DType::kFloat32) {
+  bool finite_v;
+  if (c.p.dtype == DType::kFloat32 && blas_rows(c.q) && blas_rows(c.k) && blas_rows(c.v)) {
     attention_f32(c.p);
-    return c.out;
+    finite_v = !causal || values_finite(c.p);
+  } else {
+    // Half precision, or rows BLAS can't read: compute on float32 copies (float32 is the accumulation
+    // precision anyway), round once.
+    AttentionCall f = prepare_attention(blas_operand(c.q), blas_operand(c.k), blas_operand(c.v), causal, scale);
+    attention_f32(f.p);
+    c.out.copy_(f.out);
+    finite_v = !causal || values_finite(f.p);
   }
-  // Half precision on the CPU: compute in float32 (the accumulation precision anyway), round once.
-  AttentionCall f = prepare_attention(c.q.to(at::kFloat), c.k.to(at::kFloat), c.v.to(at::kFloat), causal, scale);
-  attention_f32(f.p);
-  c.out.copy_(f.out);
+  // The usual causal call (finite v) skips the ATen ops of mark_unseen_nonfinite_v.
+  if (!finite_v) mark_unseen_nonfinite_v(c);
   return c.out;
 }
 

@@ -32,7 +32,7 @@ void channel_affine(const GroupNormParams& p, const Welford<double>& w, int64_t 
   for (int64_t i = 0; i < cg; ++i) {
     const double scale = rstd * (p.gamma ? p.gamma[c0 + i] : 1.0);
     const double beta = p.beta ? p.beta[c0 + i] : 0.0;
-    out[i] = {center, static_cast<float>(scale), static_cast<float>(beta - rest * scale)};
+    out[i] = {center, static_cast<float>(scale), static_cast<float>(group_norm_shift(beta, rest, scale))};
   }
 }
 

@@ -30,7 +30,7 @@ void scheduler_step_f32(const StepParams& p) {
         h[j] = p.history[j] ? static_cast<const float*>(p.history[j]) + i0 : zeros.data();
       }
       const float* uncond = mo + i0;
-      const float* cond = p.cfg ? mo + p.numel + i0 : uncond;
+      const float* cond = p.cfg ? mo + p.numel + i0 : nullptr;
       step_chunk(p.c, x + i0, uncond, cond, p.guidance_scale, h, z ? z + i0 : zeros.data(),
                  static_cast<float*>(p.out) + i0, p.state ? static_cast<float*>(p.state) + i0 : nullptr, n);
     }

@@ -15,6 +15,8 @@ float row_max(const float* x, int64_t n);
 float exp_sub_sum(float* x, int64_t n, float sub);
 // x[j] *= s
 void scale_row(float* x, int64_t n, float s);
+// Whether rows x[r * stride + j] (r < rows, j < n) are all finite
+bool all_finite(const float* x, int64_t rows, int64_t n, int64_t stride);
 // sum_j (x[j]-shift) and sum_j (x[j]-shift)^2, accumulated in double across float chunks
 void shifted_sums(const float* x, int64_t n, float shift, double& sum, double& sumsq);
 // Rows apply y = act((x - center) * scale + shift), act = SiLU or identity. Subtracting the
@@ -28,8 +30,8 @@ void affine_act_channels(const float* x, float* y, int64_t channels, const float
 // Per-channel sums over `pixels` rows of a channels_last block: sum[c] += x[p,c]-shift[c], sumsq[c] += (..)^2
 void channel_sums(const float* x, int64_t pixels, int64_t channels, const float* shift, float* sum,
                   float* sumsq);
-// A denoising step over n elements (see StepCoeffs); uncond == cond without guidance, h[i]/z are
-// zero-filled buffers where unused, state may be null.
+// A denoising step over n elements (see StepCoeffs); cond is null without guidance (uncond is then the model
+// output), h[i]/z are zero-filled buffers where unused, state may be null.
 void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
                 const float* const* h, const float* z, float* out, float* state, int64_t n);
 

@@ -16,6 +16,14 @@
 // zero rows in shared memory and -inf in S; query rows >= n are zero rows, computed and never stored.
 // Softmax runs in the exp2 domain (scores pre-multiplied by scale * log2 e), the same formula as
 // online_softmax_rescale in common/math.h.
+//
+// Special values, as the reference's softmax(scale * q k^T) v: a NaN score (NaN in q or k, inf * 0) gets
+// weight exp2(NaN) = NaN, which reaches the row sum and every output column; a +inf score makes the running
+// max +inf and its own weight exp2(inf - inf) = NaN. The row maxima use fmaxf, which skips NaN, and need not
+// do more. Every row sees key 0 (causal is top-left aligned), so a row sum of 0 means every score was -inf,
+// and the output is 0 * (1 / 0) = NaN there (the reference's softmax of an all -inf row): no `l > 0` guard
+// in the normalization, which would also turn a NaN row sum into 0. Keys a causal row can't see are not
+// read at all; the glue applies the reference's 0 * NaN-in-v rule for them (mark_unseen_nonfinite_v).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -422,7 +430,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_reg_kernel(const FlashArgs 
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       const float l = quad_sum(row_sum[mt][hh]);
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const float inv = 1.0f / l;  // NaN-preserving: see "Special values" in the header comment
       const int r = mt * 16 + g + hh * 8;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
@@ -633,7 +641,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_split_kernel(const Flash
   for (int mt = 0; mt < kMTo; ++mt) {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      const float inv = l_o[mt][hh] > 0.0f ? 1.0f / l_o[mt][hh] : 0.0f;
+      const float inv = 1.0f / l_o[mt][hh];  // NaN-preserving: see "Special values" in the header comment
       const int r = or0 + mt * 16 + g + hh * 8;
 #pragma unroll
       for (int dt = 0; dt < kDTo; ++dt) {
@@ -748,7 +756,7 @@ __global__ void __launch_bounds__(kThreads) flash_simt_kernel(const FlashArgs a)
       const int row = q0 + r;
       if (row < N) {
         const float l = sL[r];
-        ptr.o[row * a.o_sn + c] = from_float<T>(l > 0.0f ? acc[k] / l : 0.0f);
+        ptr.o[row * a.o_sn + c] = from_float<T>(acc[k] / l);  // see "Special values" in the header comment
       }
     }
   }

@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 2) gn_fused_kernel(const Fus
     const float be = a.beta != nullptr ? a.beta[c] : 0.0f;
     const float sc = ga * rstd;
     s_scale[i] = sc;
-    s_shift[i] = be - mlo * sc;
+    s_shift[i] = group_norm_shift(be, mlo, sc);
   }
   __syncthreads();
 
@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(kSplitThreads) gn_finalize_kernel(const Finali
     const int64_t bc = static_cast<int64_t>(b) * a.C + c;
     a.mhi[bc] = mhi;
     a.scale[bc] = sc;
-    a.shift[bc] = be - mlo * sc;
+    a.shift[bc] = group_norm_shift(be, mlo, sc);
   }
 }
 

@@ -18,6 +18,7 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   c10::cuda::CUDAGuard guard(q.device());
   AttentionCall c = prepare_attention(q, k, v, causal, scale);
   C10_CUDA_CHECK(cuda::attention(c.p, stream_for(q)));
+  mark_unseen_nonfinite_v(c);  // ATen ops on the same (current) stream
   return c.out;
 }
 
