@@ -306,3 +306,97 @@ def state(pipe) -> LoraState:
             if found is None:
                 found = unet.__dict__[_STATE_ATTR] = LoraState()
     return found
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+# What a targeted module is, by its (dotted) name's last parts.
+_KINDS = (("attn", (".to_q", ".to_k", ".to_v", ".to_out.0", ".q_proj", ".k_proj", ".v_proj", ".out_proj")),
+          ("feed-forward", (".ff.net.0.proj", ".ff.net.2", ".mlp.fc1", ".mlp.fc2")),
+          ("proj_in/out", (".proj_in", ".proj_out")),
+          ("resnet conv", (".conv1", ".conv2", ".conv_shortcut")),
+          ("resnet time_emb_proj", (".time_emb_proj",)),
+          ("down/upsampler conv", (".downsamplers.0.conv", ".upsamplers.0.conv")),
+          ("conv_in/out, time embedding", ("conv_in", "conv_out", "time_embedding.linear_1",
+                                           "time_embedding.linear_2")))
+# Widths that tell SD 1.x from SD 2.x (and SDXL): the text features the UNet's cross-attention reads, and the
+# text encoder's hidden size.
+_BASES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def _kind(name: str) -> str:
+    for kind, endings in _KINDS:
+        if name.endswith(endings):
+            return kind
+    return "other"
+
+
+def _reference_names(arch: str) -> dict[str, dict[str, str]]:
+    """Module names of the embedded ``arch`` (sd15 / sd21), built on the meta device (no memory, instant)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from . import embedded, loading
+    from .models import UNet2DConditionModel
+
+    cfg = embedded.CONFIGS[arch]
+    unet = loading.build_empty(UNet2DConditionModel, cfg["unet"])
+    with torch.device("meta"):
+        text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
+    return {"unet": _module_names(unet, text=False), "text_encoder": _module_names(text, text=True)}
+
+
+def inspect(path) -> dict:
+    """What ``sdcore lora inspect`` prints: format, likely base model, rank/alpha ranges, targets, unknown keys."""
+    tensors, metadata = formats.read_file(path)
+    groups, unknown = formats.group(tensors, str(path))
+    styles = sorted({"kohya/A1111" if not g.dotted else "diffusers/PEFT" for g in groups})
+    kinds = set()
+    for g in groups:
+        conv = len(g.delta_shape()) == 4
+        kinds.add({"lora": "LoCon" if conv else "LoRA", "loha": "LoHa", "lokr": "LoKr"}[g.kind])
+    widths = {}
+    for g in groups:
+        name = g.name.replace("_", ".") if not g.dotted else g.name
+        shape = g.delta_shape()
+        if g.component == "unet" and name.endswith(("attn2.to.k", "attn2.to_k")):
+            widths.setdefault("cross-attention", set()).add(shape[1])
+        elif g.component == "text_encoder" and name.endswith(("q.proj", "q_proj")):
+            widths.setdefault("text encoder", set()).add(shape[1])
+    guesses = {_BASES.get(w, f"unknown ({w})") for ws in widths.values() for w in ws}
+    base = ", ".join(sorted(guesses)) if guesses else "unknown (no cross-attention or text-encoder attention targeted)"
+    arch = "sd21" if guesses == {"SD 2.x"} else "sd15"
+    names = _reference_names(arch)
+    targets: dict[str, dict[str, int]] = {}
+    for g in groups:
+        module = names.get(g.component, {}).get(g.name)
+        if module is None:
+            unknown.extend(f"{g.key}.{role}" for role in g.tensors)
+            continue
+        per = targets.setdefault(g.component, {})
+        per[_kind(module)] = per.get(_kind(module), 0) + 1
+    ranks = [g.rank() for g in groups if g.rank() is not None]
+    alphas = [g.alpha for g in groups if g.alpha is not None]
+    return dict(path=str(path), format=" + ".join(styles) + ": " + ", ".join(sorted(kinds)), base=base,
+                widths={k: sorted(v) for k, v in widths.items()}, checked_against=arch,
+                rank=(min(ranks), max(ranks)) if ranks else None,
+                alpha=(min(alphas), max(alphas)) if alphas else None,
+                targets=targets, modules=sum(sum(v.values()) for v in targets.values()),
+                unknown=sorted(unknown), tensors=len(tensors), metadata_keys=sorted(metadata))
+
+
+def report(info: dict) -> str:
+    def span(pair):
+        return "-" if pair is None else (f"{pair[0]:g}" if pair[0] == pair[1] else f"{pair[0]:g}..{pair[1]:g}")
+
+    widths = "; ".join(f"{k} reads {', '.join(map(str, v))} features" for k, v in info["widths"].items())
+    lines = [f"file        {info['path']} ({info['tensors']} tensors)",
+             f"format      {info['format']}",
+             f"base model  {info['base']}" + (f"  ({widths})" if widths else ""),
+             f"rank        {span(info['rank'])} (per module)",
+             f"alpha       {span(info['alpha'])} (per module; none = rank, scale 1)",
+             f"modules     {info['modules']} matched in the embedded {info['checked_against']} architecture"]
+    for component, kinds in info["targets"].items():
+        lines.append(f"  {component:<14}" + ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items())))
+    unknown = info["unknown"]
+    lines.append(f"unknown     {len(unknown)} key(s)" + (": " + ", ".join(unknown[:10]) +
+                                                        (", ..." if len(unknown) > 10 else "") if unknown else ""))
+    return "\n".join(lines)

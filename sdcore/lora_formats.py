@@ -160,9 +160,8 @@ def _lokr_factor_shape(t: dict, n: str) -> tuple[int, ...]:
     return (a.shape[0], b.shape[1])
 
 
-def read_file(path) -> tuple[dict, dict]:
-    """The tensors and the string metadata of a LoRA ``.safetensors`` file; anything else is refused (a
-    pickled .pt/.ckpt/.bin can run code when loaded)."""
+def check_file(path) -> Path:
+    """``path`` if it is an existing safetensors file (by suffix and by its first bytes), before any reading."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such LoRA file")
@@ -173,6 +172,13 @@ def read_file(path) -> tuple[dict, dict]:
         raise LoraFormatError(f"{path}: not a .safetensors file; sdcore reads LoRAs only as safetensors "
                               "(pickled .pt/.ckpt/.bin files can run code when loaded). Convert it with a "
                               "trusted tool first")
+    return path
+
+
+def read_file(path) -> tuple[dict, dict]:
+    """The tensors and the string metadata of a LoRA ``.safetensors`` file; anything else is refused (a
+    pickled .pt/.ckpt/.bin can run code when loaded)."""
+    path = check_file(path)
     from safetensors import SafetensorError, safe_open
 
     try:

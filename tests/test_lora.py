@@ -411,3 +411,25 @@ def test_a_switch_waits_for_the_running_generation(pipe):
     with pytest.raises(RuntimeError, match="inside a generation"):
         pipe(PROMPT, num_inference_steps=1, output_type="latent", latents=_latents(), progress=False,
              callback_on_step_end=switch_inside)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_generate_records_lora_hashes_and_inspect_describes_the_file(tmp_path, capsys):
+    import hashlib
+
+    from sdcore import cli, embedded, outputs
+
+    tiny = embedded.build("tiny")
+    save_file(_kohya(tiny, 16, conv=True), tmp_path / "style.safetensors")
+    assert cli.main(["lora", "inspect", str(tmp_path / "style.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "kohya/A1111: LoCon, LoRA" in out and "rank        4" in out and "alpha       2" in out
+    assert "unknown     0 key(s)" in out and "attn 32" in out
+
+    sha = hashlib.sha256((tmp_path / "style.safetensors").read_bytes()).hexdigest()[:12]
+    image = tmp_path / "out.png"
+    argv = ["generate", "a cat", "--steps", "1", "--size", "64x64", "--no-progress", "--seed", "1",
+            "--lora", f"{tmp_path / 'style.safetensors'}:0.5", "--out", str(image)]
+    assert cli.main(argv) == 0
+    text = outputs.read_parameters(image)
+    assert f'Lora hashes: "style: {sha}"' in text and 'Lora weights: "style: 0.5"' in text
