@@ -290,10 +290,15 @@ class LoraState:
             if not parts:
                 param.data.copy_(original)
                 continue
-            merged = original.to(torch.float32, copy=True)
+            if param.dtype == torch.float32:  # merge straight into the weight's storage
+                param.data.copy_(original)
+                merged = param.data
+            else:  # half precision: merge in float32, cast once
+                merged = original.to(torch.float32, copy=True)
             for w, g in parts:
-                merged.add_(g.delta(param.device, param.shape), alpha=w)
-            param.data.copy_(merged)
+                g.add_to(merged, w)
+            if merged is not param.data:
+                param.data.copy_(merged)
 
 
 def state(pipe) -> LoraState:

@@ -115,6 +115,19 @@ class Group:
         s1, s2 = _lokr_factor_shape(t, "1"), _lokr_factor_shape(t, "2")
         return (s1[0] * s2[0], s1[1] * s2[1], *s2[2:])
 
+    def add_to(self, out: torch.Tensor, weight: float) -> None:
+        """out += weight * ΔW, ``out`` a float32 weight-shaped tensor. A plain LoRA is one addmm into ``out``
+        (no ΔW-sized temporary); the other forms build ΔW first."""
+        t = self.tensors
+        if self.kind == "lora" and "mid" not in t:
+            rank, alpha = self.rank(), self.alpha
+            scale = alpha / rank if alpha is not None else 1.0
+            up = t["up"].to(out.device, torch.float32).flatten(1)
+            down = t["down"].to(out.device, torch.float32).flatten(1)
+            out.view(out.shape[0], -1).addmm_(up, down, alpha=weight * scale)
+        else:
+            out.add_(self.delta(out.device, out.shape), alpha=weight)
+
     def delta(self, device, shape) -> torch.Tensor:
         """ΔW in float32 on ``device``, reshaped to the target weight's ``shape``, with alpha/rank applied."""
         t = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
