@@ -15,29 +15,22 @@ from sdcore.pipeline import StableDiffusionImg2ImgPipeline, StableDiffusionPipel
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: `make test` installs it")
 pytest.importorskip("peft", reason="peft is diffusers' LoRA backend, the oracle here: `make test` installs it")
 
-from test_pipeline import _diffusers_pipeline, _latents, _max_diff  # noqa: E402
+from test_pipeline import _latents, _max_diff, saved  # noqa: E402,F401  (saved: the module's fixture)
 
 PROMPT = "a photo of a cat"
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 TE = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    ref = _diffusers_pipeline()
-    ref.set_progress_bar_config(disable=True)
-    path = tmp_path_factory.mktemp("sd")
-    ref.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 @pytest.fixture
-def pipe(saved):
-    return StableDiffusionPipeline.from_pretrained(saved)
+def pipe(saved):  # a fresh one per test: the tests change its weights
+    return StableDiffusionPipeline.from_pretrained(saved[1])
 
 
 def _ref(saved):
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(saved, safety_checker=None, requires_safety_checker=False)
+    """diffusers' pipeline on the saved weights, fresh (load_lora_weights changes it)."""
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(saved[1], safety_checker=None,
+                                                            requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     return ref
 
