@@ -11,7 +11,8 @@ read once, so later loads come from the page cache. Reported, median of --repeat
   unload   unload_lora_weights(): every touched weight copied back from W0
   switch   unload one adapter and load another (the user-visible "change LoRA")
   reweight set_adapters(name, 0.5): recompute every touched weight from W0
-and, with --step, one UNet call (CFG batch 2, 256x256) without and with an adapter merged."""
+and, with --step, one UNet call (CFG batch 2, 256x256) without and with an adapter merged, interleaved.
+Each rank starts with one untimed load/unload (first-touch page faults of the kept originals)."""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
             for f in (a, b):
                 f.read_bytes()  # into the page cache
             mb = a.stat().st_size / 2**20
+            pipe.load_lora_weights(a, adapter_name="a")  # warm-up: first-touch page faults, allocator
+            pipe.unload_lora_weights()
             load = timed(lambda: pipe.load_lora_weights(a, adapter_name="a"), device, args.repeat,
                          setup=pipe.unload_lora_weights)
             unload = timed(pipe.unload_lora_weights, device, args.repeat,
@@ -116,13 +119,17 @@ def main(argv=None) -> int:
             latents = torch.randn(2, 4, 32, 32, device=device, dtype=dtype)
             text = torch.randn(2, 77, 768, device=device, dtype=dtype)
             t_ = torch.tensor([500.0] * 2, device=device)
+            path = Path(tmp) / f"a{rows[-1][0]}.safetensors"
             with torch.no_grad():
                 call = lambda: pipe.unet(latents, t_, text)  # noqa: E731
                 call()
-                without = timed(call, device, args.repeat)
-                pipe.load_lora_weights(Path(tmp) / f"a{rows[-1][0]}.safetensors", adapter_name="a")
-                with_lora = timed(call, device, args.repeat)
-                pipe.unload_lora_weights()
+                without, with_lora = [], []
+                for _ in range(args.repeat):  # interleaved, so machine noise hits both alike
+                    without.append(timed(call, device, 1))
+                    pipe.load_lora_weights(path, adapter_name="a")
+                    with_lora.append(timed(call, device, 1))
+                    pipe.unload_lora_weights()
+            without, with_lora = statistics.median(without), statistics.median(with_lora)
             step = (without, with_lora)
 
     print(f"\nLoRA on all attention + conv layers of SD 1.5 (UNet + text encoder), {device} {args.dtype}, "

@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "records them as 'Lora hashes' (sha256 of the file, 12 hex digits) and 'Lora weights'")
     p.set_defaults(func=cmd_generate, arch_default="tiny")
 
-    p = sub.add_parser("lora", parents=[common], help="LoRA/LyCORIS files: inspect")
+    p = sub.add_parser("lora", help="LoRA/LyCORIS files: inspect")
     lora_sub = p.add_subparsers(dest="lora_command", required=True)
     q = lora_sub.add_parser(
         "inspect", parents=[common], help="format, base model, rank/alpha, targeted modules, unknown keys",

@@ -429,3 +429,32 @@ def test_cli_generate_records_lora_hashes_and_inspect_describes_the_file(tmp_pat
     assert cli.main(argv) == 0
     text = outputs.read_parameters(image)
     assert f'Lora hashes: "style: {sha}"' in text and 'Lora weights: "style: 0.5"' in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+@torch.no_grad()
+def test_a_captured_cuda_graph_replays_with_the_merged_weights():
+    """The merge writes into the weights' storage, so a graph captured before loading uses the adapter."""
+    import types
+
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64)).cuda()
+    holder = types.SimpleNamespace(unet=net, text_encoder=None)
+    x = torch.randn(8, 64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        net(x)  # warm-up off the capture stream, as torch.cuda.graph's docs ask
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = net(x)
+    graph.replay()
+    base = out.clone()
+    sd = {"lora_unet_0.lora_down.weight": torch.randn(4, 64), "lora_unet_0.lora_up.weight": torch.randn(64, 4)}
+    lora.state(holder).load(holder, sd, "a", 1.0, False)
+    graph.replay()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, net[0].weight, net[0].bias))
+    assert not torch.allclose(out, base)
+    lora.state(holder).unload()
+    graph.replay()
+    assert torch.equal(out, base)
