@@ -232,7 +232,12 @@ class LoraState:
                     self.originals[key] = module.weight.detach().clone()
             self.adapters[name] = Adapter(name, targets, label, sha)
             self.active[name] = weight
-            self._recompute(targets)
+            try:
+                self._recompute(targets)
+            except BaseException:  # e.g. out of memory mid-merge: put back what the others make, then raise
+                del self.adapters[name], self.active[name]
+                self._recompute(targets)
+                raise
         return name
 
     def set_adapters(self, names, weights=None) -> None:
