@@ -21,6 +21,7 @@ RANGES = {
     "eta": (0.0, 1.0),
     "clip_skip": (0, 48),          # and fewer than the text encoder's layers
     "batch": (1, 64),
+    "lora_weight": (-10.0, 10.0),  # an adapter's weight (A1111's <lora:name:weight>); negative inverts it
 }
 
 

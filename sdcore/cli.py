@@ -159,6 +159,48 @@ def _open_init_image(path: str):
     return image
 
 
+# ---------------------------------------------------------------------------------------------- LoRA
+def _lora_arg(text: str) -> tuple[str, float]:
+    """--lora FILE[:WEIGHT]: a text ending in .safetensors is all path; otherwise what follows the last ':'
+    is the weight, range-checked (argparse then names --lora in the error)."""
+    path, sep, tail = text.rpartition(":")
+    if text.lower().endswith(".safetensors") or not sep or not path:
+        return text, 1.0
+    return path, ranges.cli_type("lora_weight")(tail)
+
+
+def _check_loras(loras) -> None:
+    """Every --lora file exists and is a safetensors file, before the model is loaded."""
+    from . import lora_formats
+
+    for path, _ in loras:
+        try:
+            lora_formats.check_file(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--lora {exc}") from None
+
+
+def _apply_loras(pipe, loras) -> dict:
+    """Load each --lora; the settings entries that record them (sha256 of the file, first 12 hex digits)."""
+    from . import lora, outputs
+
+    if not loras:
+        return {}
+    hashes, weights = [], []
+    for path, weight in loras:
+        name = pipe.load_lora_weights(path, weight=weight)
+        hashes.append(f"{name}: {lora.state(pipe).adapters[name].sha256[:12]}")
+        weights.append(f"{name}: {weight:g}")
+    return {"Lora hashes": outputs.Quoted(", ".join(hashes)), "Lora weights": outputs.Quoted(", ".join(weights))}
+
+
+def cmd_lora_inspect(args) -> int:
+    from . import lora
+
+    print(lora.report(lora.inspect(args.file)))
+    return 0
+
+
 def cmd_generate(args) -> int:
     import time
 
@@ -174,7 +216,9 @@ def cmd_generate(args) -> int:
     except (ValueError, FileExistsError) as exc:
         raise UsageError(f"--out {exc}") from None
     image = _open_init_image(args.init_image) if args.init_image else None
+    _check_loras(args.lora or [])
     pipe = load_pipeline(args.model, args.arch, args.device, _dtype(args.dtype), args.backend)
+    lora_settings = _apply_loras(pipe, args.lora or [])
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
     width, height = args.size if args.size else (None, None)
@@ -199,6 +243,7 @@ def cmd_generate(args) -> int:
                     "Size": f"{picture.width}x{picture.height}", "Model": args.model or "embedded " + args.arch}
         if image is not None:
             settings["Denoising strength"] = 0.8 if args.strength is None else args.strength
+        settings.update(lora_settings)
         text = outputs.parameters_text(args.prompt, args.negative_prompt, settings)
         outputs.save(picture, path, text, overwrite=args.overwrite)
         print(f"wrote {path}  ({picture.width}x{picture.height}, seed {seed})")
@@ -339,7 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the image even if the generation went NaN/Inf (for debugging; default: stop "
                         "with an error naming the component and step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lo, hi = ranges.RANGES["lora_weight"]
+    p.add_argument("--lora", action="append", type=_lora_arg, metavar="FILE[:WEIGHT]",
+                   help=f"merge a LoRA/LyCORIS .safetensors file (kohya/A1111, diffusers/PEFT, LoCon, LoHa, LoKr) "
+                        f"with WEIGHT in {ranges.describe(lo, hi)} (default 1.0); repeat for several. The image "
+                        "records them as 'Lora hashes' (sha256 of the file, 12 hex digits) and 'Lora weights'")
     p.set_defaults(func=cmd_generate, arch_default="tiny")
+
+    p = sub.add_parser("lora", help="LoRA/LyCORIS files: inspect")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True)
+    q = lora_sub.add_parser(
+        "inspect", parents=[common], help="format, base model, rank/alpha, targeted modules, unknown keys",
+        description="Reads a LoRA/LyCORIS .safetensors file (no model needed) and prints its format, the base "
+                    "model it looks like (SD 1.x / SD 2.x, from the cross-attention and text-encoder widths), "
+                    "rank and alpha per module (range), the targeted module kinds with counts (checked against "
+                    "the embedded SD 1.5 or 2.1 architecture), and the keys that match nothing.")
+    q.add_argument("file", metavar="FILE")
+    q.set_defaults(func=cmd_lora_inspect)
 
     p = sub.add_parser(
         "profile", parents=[common, device, model],

@@ -13,6 +13,7 @@ line."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,10 +29,21 @@ def escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
 
 
+class Quoted(str):
+    """A settings value that keeps its commas: written in double quotes, JSON-escaped, as A1111 writes
+    ``Lora hashes: "name: hash, name2: hash"``."""
+
+
+def _setting(value) -> str:
+    if isinstance(value, Quoted):
+        return json.dumps(str(value), ensure_ascii=False)
+    return escape(str(value)).replace(",", " ")
+
+
 def parameters_text(prompt: str, negative_prompt: str | None, settings: dict) -> str:
     """The A1111 ``parameters`` text: prompt, negative prompt and one settings line, each prompt escaped to
     a single line."""
-    line = ", ".join(f"{k}: {escape(str(v)).replace(',', ' ')}" for k, v in settings.items())
+    line = ", ".join(f"{k}: {_setting(v)}" for k, v in settings.items())
     return f"{escape(prompt)}\nNegative prompt: {escape(negative_prompt or '')}\n{line}"
 
 

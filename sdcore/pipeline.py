@@ -386,7 +386,7 @@ class StableDiffusionPipeline:
         if isinstance(generator, list) and len(generator) != count:
             raise ValueError(f"generator: {len(generator)} generators for {count} images")
         watch = _FiniteWatch(not allow_nan, num_inference_steps)
-        with self._backend_scope():
+        with self._backend_scope(), self._adapters().lock.shared():  # no adapter switch mid-generation
             embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                                clip_skip, watch)
             if latents is None:
@@ -400,6 +400,36 @@ class StableDiffusionPipeline:
             latents = self._denoise(sched, latents, sched.timesteps, embeds, guidance_scale, guidance_rescale,
                                     step_generator, eta, callback_on_step_end, progress, watch)
             return PipelineOutput(self._decode(latents, output_type, watch), seeds)
+
+    # ------------------------------------------------------------------------------------------ LoRA
+    # Thin wrappers over sdcore.lora (merging, formats, the readers-writer lock); diffusers' names.
+    def _adapters(self):
+        from . import lora
+
+        return lora.state(self)
+
+    def load_lora_weights(self, path_or_state_dict, adapter_name: str | None = None, weight: float = 1.0,
+                          strict: bool = False) -> str:
+        """Merge a LoRA/LyCORIS ``.safetensors`` file (kohya/A1111, diffusers/PEFT, LoCon, LoHa, LoKr) or a
+        state dict into the UNet and text encoder, active with ``weight`` alongside the adapters already
+        active; returns its name (default: the file's stem). Atomic: every key is mapped and every shape
+        checked before any weight changes. Unknown keys warn (``strict=True``: error)."""
+        return self._adapters().load(self, path_or_state_dict, adapter_name, weight, strict)
+
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """Make exactly ``adapter_names`` active, with ``adapter_weights`` (one number, or one per name;
+        default 1.0). Recomputed from the original weights, so any sequence of changes is exact."""
+        self._adapters().set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self._adapters().active)
+
+    def delete_adapters(self, adapter_names) -> None:
+        self._adapters().delete(adapter_names)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter: the weights are bitwise the originals again."""
+        self._adapters().unload()
 
 
 def _prompt_list(name: str, prompt) -> list[str]:
@@ -466,7 +496,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         if count % x.shape[0]:
             raise ValueError(f"image: {x.shape[0]} images for {count} outputs")
         watch = _FiniteWatch(not allow_nan, num_inference_steps)
-        with self._backend_scope():
+        with self._backend_scope(), self._adapters().lock.shared():  # no adapter switch mid-generation
             embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
                                                clip_skip, watch)
             x = x.to(self.device, self.dtype)
