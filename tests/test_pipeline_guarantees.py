@@ -76,12 +76,15 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("kwargs,error,fragment", BAD_CALLS, ids=[repr(c[0])[:60] for c in BAD_CALLS])
 def test_bad_arguments_fail_before_any_work(pipe, kwargs, error, fragment):
-    call = dict(FAST, prompt="a cat")
-    call.update(kwargs)
+    _refused_before_any_work(pipe, pipe, {**FAST, "prompt": "a cat", **kwargs}, error, fragment)
+
+
+def _refused_before_any_work(pipe, run, call, error, fragment):
+    """``run(**call)`` raises ``error`` with ``fragment`` and no model of ``pipe`` ran a forward."""
     calls = _Calls(pipe)
     try:
         with pytest.raises(error) as info:
-            pipe(**call)
+            run(**call)
     finally:
         calls.close()
     assert fragment in str(info.value)
@@ -100,18 +103,10 @@ BAD_IMG2IMG = [
 
 @pytest.mark.parametrize("kwargs,error,fragment", BAD_IMG2IMG, ids=[repr(c[0])[:60] for c in BAD_IMG2IMG])
 def test_bad_img2img_arguments_fail_before_any_work(pipe, kwargs, error, fragment):
-    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     call = dict(FAST, prompt="a cat", image=torch.rand(1, 3, 64, 64), strength=0.5)
     del call["height"], call["width"]
     call.update(kwargs)
-    calls = _Calls(pipe)
-    try:
-        with pytest.raises(error) as info:
-            img2img(**call)
-    finally:
-        calls.close()
-    assert fragment in str(info.value)
-    assert calls.count == 0
+    _refused_before_any_work(pipe, StableDiffusionImg2ImgPipeline.from_pipe(pipe), call, error, fragment)
 
 
 def _poisoned(module):
