@@ -236,14 +236,12 @@ def cmd_generate(args) -> int:
     else:
         result = pipe(args.prompt, height=height, width=width, **common)
     seconds = time.perf_counter() - start
-    sampler = args.scheduler or next((k for k, (cls, _) in schedulers.NAMES.items()
-                                      if type(pipe.scheduler) is cls), type(pipe.scheduler).__name__)
+    sampler = args.scheduler or schedulers.name_of(pipe.scheduler)
     for path, picture, seed in zip(paths, result.images, result.seeds):
-        settings = {"Steps": args.steps, "Sampler": sampler, "CFG scale": args.guidance, "Seed": seed,
-                    "Size": f"{picture.width}x{picture.height}", "Model": args.model or "embedded " + args.arch}
-        if image is not None:
-            settings["Denoising strength"] = 0.8 if args.strength is None else args.strength
-        settings.update(lora_settings)
+        settings = outputs.generation_settings(
+            steps=args.steps, sampler=sampler, guidance=args.guidance, seed=seed, size=picture.size,
+            model=args.model or "embedded " + args.arch, extra=lora_settings,
+            strength=None if image is None else 0.8 if args.strength is None else args.strength)
         text = outputs.parameters_text(args.prompt, args.negative_prompt, settings)
         outputs.save(picture, path, text, overwrite=args.overwrite)
         print(f"wrote {path}  ({picture.width}x{picture.height}, seed {seed})")

@@ -47,6 +47,19 @@ def parameters_text(prompt: str, negative_prompt: str | None, settings: dict) ->
     return f"{escape(prompt)}\nNegative prompt: {escape(negative_prompt or '')}\n{line}"
 
 
+def generation_settings(*, steps: int, sampler: str, guidance: float, seed, size: tuple[int, int], model: str,
+                        strength: float | None = None, extra: dict | None = None) -> dict:
+    """The settings line of one image, in A1111's order and names: what `sdcore generate`, `sdcore batch` and
+    `sdcore serve` all record, so an image says how to make it again whichever command made it. ``size`` is
+    (width, height); ``strength`` is img2img's denoising strength; ``extra`` (LoRA hashes, ...) goes last."""
+    settings = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": seed,
+                "Size": f"{size[0]}x{size[1]}", "Model": model}
+    if strength is not None:
+        settings["Denoising strength"] = strength
+    settings.update(extra or {})
+    return settings
+
+
 def image_format(path) -> str:
     """The PIL format for ``path``'s suffix, or a ValueError saying which suffixes are known."""
     suffix = Path(path).suffix.lower()

@@ -35,5 +35,14 @@ def from_name(name: str, config: dict | None = None) -> Scheduler:
     return cls.from_config({**(config or {}), **overrides})
 
 
-__all__ = ["NAMES", "from_name", "Scheduler", "SchedulerOutput", "DDIMScheduler", "EulerDiscreteScheduler",
+def name_of(scheduler: Scheduler) -> str:
+    """The CLI name of a scheduler instance (the first NAMES entry of its class whose overrides it has), or its
+    class name for one NAMES doesn't list: what the ``Sampler`` setting of a saved image records."""
+    for name, (cls, overrides) in NAMES.items():
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in overrides.items()):
+            return name
+    return type(scheduler).__name__
+
+
+__all__ = ["NAMES", "from_name", "name_of", "Scheduler", "SchedulerOutput", "DDIMScheduler", "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "ddim", "dpmpp_2m", "euler", "euler_ancestral"]
