@@ -89,15 +89,24 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default="attention,group_norm,scheduler_step", help="comma-separated subset")
     p.add_argument("--quick", action="store_true", help="fewer, smaller attention and GroupNorm shapes")
     p.add_argument("--json", type=Path, help="also write the numbers here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for both sides (default: torch's). 1 keeps a busy machine from descheduling a "
+                        "thread mid-op, which distorts 2-thread times far more than it distorts 1-thread ones")
+    p.add_argument("--skip-reference", action="store_true", help="time kernels and torch only")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
     dtype = DTYPES[args.dtype or ("fp32" if dev == "cpu" else "fp16")]
     repeat = args.repeat or (5 if dev == "cpu" else 50)
     torch.manual_seed(0)
+    # Both sides' CPU builds: sdcore's (SDCORE_CPU_CAPABILITY caps it) and ATen's (ATEN_CPU_CAPABILITY caps it),
+    # so an AVX2-core comparison can be run on an AVX-512 machine by capping both.
     machine = (torch.cuda.get_device_name() if dev == "cuda" else
-               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+               f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, sdcore "
+               f"{sdcore._ext.build_info()['cpu_capability']} build, torch {torch.backends.cpu.get_cpu_capability()}")
     print(f"# sdcore bench/ops.py  device={dev} ({machine})  dtype={dtype}  torch={torch.__version__}  "
           f"median of {repeat}")
     gens = {"attention": attention_cases, "group_norm": group_norm_cases, "scheduler_step": step_cases}
@@ -110,7 +119,7 @@ def main(argv=None) -> int:
         for case in gens[name](dev, dtype, args.quick):
             t = {}
             for backend in ("kernels", "torch", "reference"):
-                if backend == "reference" and not case["reference_ok"]:
+                if backend == "reference" and (args.skip_reference or not case["reference_ok"]):
                     t[backend] = None
                     continue
                 with sdcore.use_backend(backend):

@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "cpu/vec.h"
+
 #ifdef SDCORE_PYTHON_MODULE
 #include <Python.h>
 #endif
@@ -31,6 +33,8 @@ std::string build_info() {
 #endif
   s += ";built_with_torch=" SDCORE_BUILT_WITH_TORCH;
   s += ";built_with_cuda=" SDCORE_BUILT_WITH_CUDA;  // empty: no CUDA kernels
+  s += ";cpu_capability=";
+  s += cpu::capability();  // the CPU build picked at load time (see csrc/cpu/vec.h)
   return s;
 }
 

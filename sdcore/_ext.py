@@ -70,7 +70,7 @@ def _read_build_info() -> dict:
     config = _CONFIG or {}
     if _error is not None:
         return {"cpu": False, "cuda": False, "cuda_archs": [], "built_with_torch": config.get("torch"),
-                "built_with_cuda": config.get("cuda"), "error": _error}
+                "built_with_cuda": config.get("cuda"), "cpu_capability": None, "error": _error}
     fields = dict(item.split("=", 1) for item in torch.ops.sdcore.build_info().split(";"))
     archs = [a for a in fields.get("cuda_archs", "").replace(" ", ";").split(";") if a]
     return {
@@ -79,6 +79,7 @@ def _read_build_info() -> dict:
         "cuda_archs": archs,
         "built_with_torch": fields.get("built_with_torch"),
         "built_with_cuda": fields.get("built_with_cuda", config.get("cuda")) or None,
+        "cpu_capability": fields.get("cpu_capability"),
         "error": None,
     }
 
@@ -89,7 +90,8 @@ _BUILD_INFO = _read_build_info()
 
 def build_info() -> dict:
     """What the extension was compiled with: {'cpu': bool, 'cuda': bool, 'cuda_archs': [...],
-    'built_with_torch': str | None, 'built_with_cuda': str | None, 'error': str | None}."""
+    'built_with_torch': str | None, 'built_with_cuda': str | None, 'cpu_capability': 'avx512' | 'avx2' |
+    'default' | None (the CPU kernels' build in use), 'error': str | None}."""
     return _BUILD_INFO
 
 

@@ -43,7 +43,8 @@ def cmd_info(args) -> int:
         built = info["built_with_torch"]
         note = "" if built == torch.__version__ else f"  (built with torch {built}: rebuild if ops fail)"
         print(f"extension     loaded{note}")
-        print(f"cpu kernels   {'yes' if info['cpu'] else 'no'}")
+        cpu = f"yes, {info['cpu_capability']} build (SDCORE_CPU_CAPABILITY=avx2|default caps it)" if info["cpu"] else "no"
+        print(f"cpu kernels   {cpu}")
         archs = ";".join(info["cuda_archs"]) or "-"
         print(f"cuda kernels  {'yes, archs ' + archs if info['cuda'] else 'no (CPU-only build)'}")
     print(f"cpu           {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "

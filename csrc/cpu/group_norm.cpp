@@ -71,10 +71,11 @@ void group_norm_nhwc(const GroupNormParams& p) {
 
   for (int64_t b = 0; b < p.batch; ++b) {
     const float* xb = x + b * hw * C;
-    // Statistics: per-channel shifted sums, each thread over its own pixel blocks.
+    // Statistics: per-channel sums around that channel's first pixel, float over a block of pixels, then
+    // double across blocks, each thread over its own blocks.
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-    std::vector<std::vector<Welford<double>>> partial(threads, std::vector<Welford<double>>(C));
-    std::vector<float> shift0(xb, xb + C);  // first pixel: the shift for every channel's sums
+    std::vector<double> s1(threads * C, 0.0), s2(threads * C, 0.0);
+    const float* shift0 = xb;  // first pixel: the shift for every channel's sums
     at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
       std::vector<float> sum(C), sumsq(C);
       for (int64_t t = t_begin; t < t_end; ++t) {
@@ -82,19 +83,33 @@ void group_norm_nhwc(const GroupNormParams& p) {
           const int64_t p0 = blk * kPixels, np = std::min(kPixels, hw - p0);
           std::fill(sum.begin(), sum.end(), 0.0f);
           std::fill(sumsq.begin(), sumsq.end(), 0.0f);
-          channel_sums(xb + p0 * C, np, C, shift0.data(), sum.data(), sumsq.data());
+          channel_sums(xb + p0 * C, np, C, shift0, sum.data(), sumsq.data());
           for (int64_t c = 0; c < C; ++c) {
-            partial[t][c].merge(welford_from_shifted_sums<double>(shift0[c], sum[c], sumsq[c], np));
+            s1[t * C + c] += sum[c];
+            s2[t * C + c] += sumsq[c];
           }
         }
       }
     });
+    // A group's sums around one shift k (its first channel's): moving channel c's sums from its own shift
+    // by d = shift_c - k is exact algebra in double, with no division per channel (a Welford merge per
+    // channel cost more than the whole pass at 8x8 pixels).
     for (int64_t g = 0; g < G; ++g) {
-      Welford<double> w;
-      for (int64_t t = 0; t < threads; ++t) {
-        for (int64_t i = 0; i < cg; ++i) w.merge(partial[t][g * cg + i]);
+      const double k = shift0[g * cg];
+      double gs = 0.0, gq = 0.0;
+      for (int64_t i = 0; i < cg; ++i) {
+        const int64_t c = g * cg + i;
+        double cs = 0.0, cq = 0.0;
+        for (int64_t t = 0; t < threads; ++t) {
+          cs += s1[t * C + c];
+          cq += s2[t * C + c];
+        }
+        const double d = static_cast<double>(shift0[c]) - k;
+        gs += cs + hw * d;
+        gq += cq + 2.0 * d * cs + hw * d * d;
       }
-      channel_affine(p, w, g * cg, cg, affine.data() + b * C + g * cg);
+      channel_affine(p, welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw)), g * cg, cg,
+                     affine.data() + b * C + g * cg);
     }
   }
 

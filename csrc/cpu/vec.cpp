@@ -7,20 +7,26 @@
 #include "../common/math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SDCORE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define SDCORE_MULTIVERSION
+#define SDCORE_X86_VARIANTS 1
+#include <immintrin.h>
 #endif
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
 
 namespace sdcore {
 namespace cpu {
 namespace {
 
 // exp(x) for x in [-87.3, 88.0], branch-free so the loops that call it vectorize: Cody-Waite range
-// reduction to r in [-ln2/2, ln2/2], the Cephes degree-6 polynomial (about 1 ulp), and 2^n written into
+// reduction to r in [-ln2/2, ln2/2] (up to rounding ties), the Cephes degree-6 polynomial (about 1 ulp), and 2^n written into
 // the exponent bits (n stays within the normal range there; x = -88 gives n = -127, exponent bits 0, so 0).
 inline float exp_in_range(float x) {
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // n = x / ln2 rounded to nearest by adding and subtracting 1.5 * 2^23 (no -ffast-math, so not folded):
+  // std::floor is a libm call in the baseline (SSE2) build, which kept the whole loop scalar there.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -60,16 +66,16 @@ inline float fast_silu(float y) {
   return y / (y < -80.0f ? INFINITY : d);
 }
 
-}  // namespace
+#define BODY __attribute__((always_inline)) inline
 
-SDCORE_MULTIVERSION float row_max(const float* x, int64_t n) {
+BODY float row_max_body(const float* x, int64_t n) {
   float m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
 
-SDCORE_MULTIVERSION float exp_sub_sum(float* x, int64_t n, float sub) {
+BODY float exp_sub_sum_body(float* x, int64_t n, float sub) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
@@ -80,12 +86,12 @@ SDCORE_MULTIVERSION float exp_sub_sum(float* x, int64_t n, float sub) {
   return s;
 }
 
-SDCORE_MULTIVERSION void scale_row(float* x, int64_t n, float s) {
+BODY void scale_row_body(float* x, int64_t n, float s) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) x[j] *= s;
 }
 
-SDCORE_MULTIVERSION bool all_finite(const float* x, int64_t rows, int64_t n, int64_t stride) {
+BODY bool all_finite_body(const float* x, int64_t rows, int64_t n, int64_t stride) {
   // x - x is 0 for finite x and NaN for NaN and +-inf (not folded to 0: no -ffinite-math-only).
   float acc = 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
@@ -96,7 +102,7 @@ SDCORE_MULTIVERSION bool all_finite(const float* x, int64_t rows, int64_t n, int
   return acc == 0.0f;
 }
 
-SDCORE_MULTIVERSION void shifted_sums(const float* x, int64_t n, float shift, double& sum, double& sumsq) {
+BODY void shifted_sums_body(const float* x, int64_t n, float shift, double& sum, double& sumsq) {
   // Float partial sums over short chunks (exact enough), folded into double so millions of elements
   // don't accumulate float rounding.
   constexpr int64_t kChunk = 1024;
@@ -114,7 +120,7 @@ SDCORE_MULTIVERSION void shifted_sums(const float* x, int64_t n, float shift, do
   }
 }
 
-SDCORE_MULTIVERSION void affine_act_rows(const float* x, float* y, int64_t rows, int64_t n, const float* center,
+BODY void affine_act_rows_body(const float* x, float* y, int64_t rows, int64_t n, const float* center,
                                          const float* scale, const float* shift, bool silu) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
@@ -130,7 +136,7 @@ SDCORE_MULTIVERSION void affine_act_rows(const float* x, float* y, int64_t rows,
   }
 }
 
-SDCORE_MULTIVERSION void affine_act_channels(const float* x, float* y, int64_t channels, const float* center,
+BODY void affine_act_channels_body(const float* x, float* y, int64_t channels, const float* center,
                                              const float* scale, const float* shift, bool silu) {
   if (silu) {
 #pragma omp simd
@@ -141,13 +147,39 @@ SDCORE_MULTIVERSION void affine_act_channels(const float* x, float* y, int64_t c
   }
 }
 
-SDCORE_MULTIVERSION void channel_sums(const float* x, int64_t pixels, int64_t channels, const float* shift,
-                                      float* sum, float* sumsq) {
-  for (int64_t p = 0; p < pixels; ++p) {
+BODY void channel_sums_body(const float* x, int64_t pixels, int64_t channels, const float* shift,
+                            float* sum, float* sumsq) {
+  // Tiles of kTile channels, all pixels each, so the running sums stay in registers (4 + 4 vectors with
+  // AVX-512) instead of a load and a store of sum[c] and sumsq[c] per element, which made channels_last
+  // statistics 2-3x slower than NCHW's.
+  constexpr int64_t kTile = 64;
+  int64_t c0 = 0;
+  for (; c0 + kTile <= channels; c0 += kTile) {
+    float s[kTile], q[kTile], sh[kTile];
+    for (int64_t j = 0; j < kTile; ++j) {
+      s[j] = sum[c0 + j];
+      q[j] = sumsq[c0 + j];
+      sh[j] = shift[c0 + j];
+    }
+    for (int64_t p = 0; p < pixels; ++p) {
+      const float* row = x + p * channels + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < kTile; ++j) {
+        const float d = row[j] - sh[j];
+        s[j] += d;
+        q[j] += d * d;
+      }
+    }
+    for (int64_t j = 0; j < kTile; ++j) {
+      sum[c0 + j] = s[j];
+      sumsq[c0 + j] = q[j];
+    }
+  }
+  for (int64_t p = 0; p < pixels && c0 < channels; ++p) {
     const float* row = x + p * channels;
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) {
-      float d = row[c] - shift[c];
+    for (int64_t c = c0; c < channels; ++c) {
+      const float d = row[c] - shift[c];
       sum[c] += d;
       sumsq[c] += d * d;
     }
@@ -175,7 +207,7 @@ __attribute__((always_inline)) inline void step_loop(const StepCoeffs& k, const 
 
 }  // namespace
 
-SDCORE_MULTIVERSION void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond,
+BODY void step_chunk_body(const StepCoeffs& c, const float* x, const float* uncond, const float* cond,
                                     float guidance, const float* const* h, const float* z, float* out,
                                     float* state, int64_t n) {
   const StepCoeffs k = c;
@@ -190,6 +222,182 @@ SDCORE_MULTIVERSION void step_chunk(const StepCoeffs& c, const float* x, const f
   } else {
     step_loop<false, false>(k, x, uncond, cond, guidance, h, z, out, state, n);
   }
+}
+
+#ifdef SDCORE_X86_VARIANTS
+// AVX-512 SiLU, written out because the compiler keeps y / (1 + e^-y) a vdivps, which on AVX-512 cores
+// (double-pumped on Zen 4) dominates the whole GroupNorm+SiLU apply pass. Here the divide is a 14-bit
+// reciprocal and one Newton step (relative error ~2^-27, about the float rounding itself); the rest is
+// fast_silu's formula, lane for lane: the same clamps (NaN -> the lower bound, as max/min with the constant
+// second), the same exp polynomial, and y * 0 below -80 (-0 for finite y, NaN for -inf, as y / inf).
+// GCC 12's avx512fintrin.h reads an uninitialized "undefined" vector in the masked loads it inlines.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define SDCORE_AVX512 __attribute__((target("arch=x86-64-v4"), always_inline)) inline
+
+SDCORE_AVX512 __m512 exp_in_range16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
+                                                        _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);  // p * 2^n in one instruction (n is integral and in the normal range)
+}
+
+SDCORE_AVX512 __m512 silu16(__m512 y) {
+  const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), y), _mm512_set1_ps(-87.33654f)),
+                                 _mm512_set1_ps(80.0f));
+  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_in_range16(t));
+  __m512 r = _mm512_rcp14_ps(d);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+  const __mmask16 far = _mm512_cmp_ps_mask(y, _mm512_set1_ps(-80.0f), _CMP_LT_OQ);
+  return _mm512_mask_mul_ps(_mm512_mul_ps(y, r), far, y, _mm512_setzero_ps());
+}
+
+// y[j] = silu((x[j] - c[j]) * a[j] + b[j]) for j < n; kBroadcast: c, a, b are one value for the whole row.
+template <bool kBroadcast>
+SDCORE_AVX512 void affine_silu16(const float* x, float* y, int64_t n, const float* c, const float* a,
+                                 const float* b) {
+  __m512 vc = _mm512_set1_ps(c[0]), va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    if constexpr (!kBroadcast) {
+      vc = _mm512_maskz_loadu_ps(m, c + j);
+      va = _mm512_maskz_loadu_ps(m, a + j);
+      vb = _mm512_maskz_loadu_ps(m, b + j);
+    }
+    const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), vc), va, vb);
+    _mm512_mask_storeu_ps(y + j, m, silu16(v));
+  }
+}
+
+__attribute__((target("arch=x86-64-v4"))) void affine_act_rows_avx512_silu(
+    const float* x, float* y, int64_t rows, int64_t n, const float* center, const float* scale,
+    const float* shift, bool silu) {
+  if (!silu) return affine_act_rows_body(x, y, rows, n, center, scale, shift, false);
+  for (int64_t r = 0; r < rows; ++r) affine_silu16<true>(x + r * n, y + r * n, n, center + r, scale + r, shift + r);
+}
+
+__attribute__((target("arch=x86-64-v4"))) void affine_act_channels_avx512_silu(
+    const float* x, float* y, int64_t channels, const float* center, const float* scale, const float* shift,
+    bool silu) {
+  if (!silu) return affine_act_channels_body(x, y, channels, center, scale, shift, false);
+  affine_silu16<false>(x, y, channels, center, scale, shift);
+}
+#endif
+
+// Every loop in three builds, picked once at load time (see kernels()): baseline x86-64, x86-64-v3
+// (AVX2 + FMA) and x86-64-v4 (AVX-512), each the body above compiled for that target.
+#ifdef SDCORE_X86_VARIANTS
+#define SDCORE_VARIANTS(RET, NAME, PARAMS, ARGS)                                                              \
+  __attribute__((target("arch=x86-64-v4"))) RET NAME##_avx512 PARAMS { return NAME##_body ARGS; }            \
+  __attribute__((target("arch=x86-64-v3"))) RET NAME##_avx2 PARAMS { return NAME##_body ARGS; }              \
+  RET NAME##_default PARAMS { return NAME##_body ARGS; }
+#else
+#define SDCORE_VARIANTS(RET, NAME, PARAMS, ARGS) \
+  RET NAME##_default PARAMS { return NAME##_body ARGS; }
+#endif
+
+SDCORE_VARIANTS(float, row_max, (const float* x, int64_t n), (x, n))
+SDCORE_VARIANTS(float, exp_sub_sum, (float* x, int64_t n, float sub), (x, n, sub))
+SDCORE_VARIANTS(void, scale_row, (float* x, int64_t n, float s), (x, n, s))
+SDCORE_VARIANTS(bool, all_finite, (const float* x, int64_t rows, int64_t n, int64_t stride), (x, rows, n, stride))
+SDCORE_VARIANTS(void, shifted_sums, (const float* x, int64_t n, float shift, double& sum, double& sumsq),
+                (x, n, shift, sum, sumsq))
+SDCORE_VARIANTS(void, affine_act_rows,
+                (const float* x, float* y, int64_t rows, int64_t n, const float* center, const float* scale,
+                 const float* shift, bool silu),
+                (x, y, rows, n, center, scale, shift, silu))
+SDCORE_VARIANTS(void, affine_act_channels,
+                (const float* x, float* y, int64_t channels, const float* center, const float* scale,
+                 const float* shift, bool silu),
+                (x, y, channels, center, scale, shift, silu))
+SDCORE_VARIANTS(void, channel_sums,
+                (const float* x, int64_t pixels, int64_t channels, const float* shift, float* sum, float* sumsq),
+                (x, pixels, channels, shift, sum, sumsq))
+SDCORE_VARIANTS(void, step_chunk,
+                (const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
+                 const float* const* h, const float* z, float* out, float* state, int64_t n),
+                (c, x, uncond, cond, guidance, h, z, out, state, n))
+
+struct Kernels {
+  const char* name;
+  decltype(&row_max_default) row_max;
+  decltype(&exp_sub_sum_default) exp_sub_sum;
+  decltype(&scale_row_default) scale_row;
+  decltype(&all_finite_default) all_finite;
+  decltype(&shifted_sums_default) shifted_sums;
+  decltype(&affine_act_rows_default) affine_act_rows;
+  decltype(&affine_act_channels_default) affine_act_channels;
+  decltype(&channel_sums_default) channel_sums;
+  decltype(&step_chunk_default) step_chunk;
+};
+
+#define SDCORE_KERNELS(ISA) \
+  {#ISA, row_max_##ISA, exp_sub_sum_##ISA, scale_row_##ISA, all_finite_##ISA, shifted_sums_##ISA, \
+   affine_act_rows_##ISA, affine_act_channels_##ISA, channel_sums_##ISA, step_chunk_##ISA}
+
+// The best build this CPU runs, capped by SDCORE_CPU_CAPABILITY (default | avx2 | avx512, like ATen's
+// ATEN_CPU_CAPABILITY), so tests and benchmarks can run the lower builds on a machine with AVX-512.
+Kernels pick() {
+  const char* env = std::getenv("SDCORE_CPU_CAPABILITY");
+  const std::string cap = env && *env ? env : "avx512";
+  TORCH_CHECK(cap == "default" || cap == "avx2" || cap == "avx512", "SDCORE_CPU_CAPABILITY=", cap,
+              " is not one of default, avx2, avx512");
+#ifdef SDCORE_X86_VARIANTS
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("x86-64-v4");
+  const bool avx2 = __builtin_cpu_supports("x86-64-v3");
+  if (cap == "avx512" && avx512) {
+    Kernels k = SDCORE_KERNELS(avx512);
+    k.affine_act_rows = affine_act_rows_avx512_silu;
+    k.affine_act_channels = affine_act_channels_avx512_silu;
+    return k;
+  }
+  if (cap != "default" && avx2) return SDCORE_KERNELS(avx2);
+#endif
+  return SDCORE_KERNELS(default);
+}
+
+const Kernels& kernels() {
+  static const Kernels k = pick();
+  return k;
+}
+
+}  // namespace
+
+const char* capability() { return kernels().name; }
+
+float row_max(const float* x, int64_t n) { return kernels().row_max(x, n); }
+float exp_sub_sum(float* x, int64_t n, float sub) { return kernels().exp_sub_sum(x, n, sub); }
+void scale_row(float* x, int64_t n, float s) { kernels().scale_row(x, n, s); }
+bool all_finite(const float* x, int64_t rows, int64_t n, int64_t stride) {
+  return kernels().all_finite(x, rows, n, stride);
+}
+void shifted_sums(const float* x, int64_t n, float shift, double& sum, double& sumsq) {
+  kernels().shifted_sums(x, n, shift, sum, sumsq);
+}
+void affine_act_rows(const float* x, float* y, int64_t rows, int64_t n, const float* center, const float* scale,
+                     const float* shift, bool silu) {
+  kernels().affine_act_rows(x, y, rows, n, center, scale, shift, silu);
+}
+void affine_act_channels(const float* x, float* y, int64_t channels, const float* center, const float* scale,
+                         const float* shift, bool silu) {
+  kernels().affine_act_channels(x, y, channels, center, scale, shift, silu);
+}
+void channel_sums(const float* x, int64_t pixels, int64_t channels, const float* shift, float* sum,
+                  float* sumsq) {
+  kernels().channel_sums(x, pixels, channels, shift, sum, sumsq);
+}
+void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
+                const float* const* h, const float* z, float* out, float* state, int64_t n) {
+  kernels().step_chunk(c, x, uncond, cond, guidance, h, z, out, state, n);
 }
 
 }  // namespace cpu

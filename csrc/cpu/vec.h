@@ -1,5 +1,6 @@
-// CPU leaf loops over float arrays. Each is compiled twice (AVX2+FMA and baseline x86-64) and picked at
-// load time, so one build runs fast on any x86-64 machine without -march=native.
+// CPU leaf loops over float arrays. Each is compiled three times (AVX-512, AVX2+FMA and baseline x86-64) and
+// the best one the CPU runs is picked at load time, so one build runs fast on any x86-64 machine without
+// -march=native. SDCORE_CPU_CAPABILITY=default|avx2|avx512 caps the choice (tests run every build that way).
 #pragma once
 
 #include <cstdint>
@@ -9,6 +10,8 @@
 namespace sdcore {
 namespace cpu {
 
+// The build in use: "avx512", "avx2" or "default".
+const char* capability();
 // max_j x[j]
 float row_max(const float* x, int64_t n);
 // x[j] = exp(x[j] - sub); returns sum_j x[j]
