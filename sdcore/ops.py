@@ -67,7 +67,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               scale: float | None = None) -> torch.Tensor:
     """Multi-head attention softmax(scale * q k^T) v without materializing the N x M scores.
 
-    q: [B, H, N, D]; k, v: [B, H, M, D]; returns [B, H, N, D] (contiguous). ``scale`` defaults to
+    q: [B, H, N, D]; k, v: [B, H, M, D]; returns [B, H, N, D], which the kernels lay out in memory as
+    [B, N, H, D] so that ``out.transpose(1, 2).flatten(2)`` ([B, N, H*D]) is a view. ``scale`` defaults to
     1/sqrt(D). ``causal`` masks key j > query i (top-left aligned, like SDPA's is_causal).
     float32/float16/bfloat16 with float32 accumulation; D up to 512.
     """
@@ -173,7 +174,8 @@ if _ext.load_error() is None:
     @torch.library.register_fake("sdcore::attention")
     def _attention_fake(q, k, v, causal=False, scale=None):
         _check_devices("attention", q=q, k=k, v=v)
-        return q.new_empty(q.shape)
+        b, h, n, d = q.shape
+        return q.new_empty(b, n, h, d).permute(0, 2, 1, 3)  # the kernels' output layout (see checks.cpp)
 
     @torch.library.register_fake("sdcore::group_norm")
     def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):

@@ -65,7 +65,9 @@ AttentionCall prepare_attention(const at::Tensor& q_in, const at::Tensor& k_in, 
   c.q = last_dim_contiguous(q_in);
   c.k = last_dim_contiguous(k_in);
   c.v = last_dim_contiguous(v_in);
-  c.out = at::empty({B, H, N, D}, c.q.options());
+  // [B, H, N, D] in the memory order [B, N, H, D]: the layout the out-projection reads as [B, N, H*D], so
+  // out.transpose(1, 2).flatten(2) in the models is a view, not the copy a contiguous output cost per call.
+  c.out = at::empty({B, N, H, D}, c.q.options()).permute({0, 2, 1, 3});
 
   AttentionParams& p = c.p;
   p.q = c.q.data_ptr();
