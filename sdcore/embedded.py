@@ -39,6 +39,21 @@ CONFIGS = {
         text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768),
         scheduler=dict(_SD_SCHEDULE, _class_name="PNDMScheduler")),
+    "tiny-xl": dict(
+        unet=dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(1, 2),
+                  transformer_layers_per_block=(1, 2), cross_attention_dim=64, norm_num_groups=8,
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=32 + 6 * 8),
+        vae=dict(block_out_channels=(16, 32, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                 sample_size=256, down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025, force_upcast=True),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=32),
+        text_2=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=32),
+        scheduler=dict(_SD_SCHEDULE, _class_name="EulerDiscreteScheduler")),
     "sd21": dict(
         unet=dict(sample_size=96, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
                   layers_per_block=2, down_block_types=_DOWN, up_block_types=_UP, attention_head_dim=(5, 10, 20, 20),
@@ -47,6 +62,19 @@ CONFIGS = {
         text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                   max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=512),
         scheduler=dict(_SD_SCHEDULE, _class_name="DDIMScheduler", prediction_type="v_prediction")),
+    "sdxl": dict(  # stabilityai/stable-diffusion-xl-base-1.0's configs
+        unet=dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
+                  layers_per_block=2, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                  up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), attention_head_dim=(5, 10, 20),
+                  transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816),
+        vae=dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                    max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280),
+        scheduler=dict(_SD_SCHEDULE, _class_name="EulerDiscreteScheduler")),
 }
 
 
