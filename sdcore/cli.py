@@ -124,7 +124,7 @@ def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str
     from pathlib import Path
 
     from . import embedded
-    from .pipeline import StableDiffusionPipeline
+    from .pipelines import StableDiffusionPipeline
 
     if model is None:
         print(f"sdcore: using the {embedded.describe(arch)}", file=sys.stderr)
@@ -205,7 +205,7 @@ def cmd_generate(args) -> int:
     import time
 
     from . import outputs, schedulers
-    from .pipeline import StableDiffusionImg2ImgPipeline
+    from .pipelines import StableDiffusionImg2ImgPipeline
 
     _check_device(args)
     if args.strength is not None and args.init_image is None:
@@ -451,7 +451,7 @@ def _run(argv) -> int:
 
 def _report(args, exc: Exception) -> int:
     """One line for the error; the traceback only with --debug."""
-    from .pipeline import NonFiniteError
+    from .pipelines import NonFiniteError
 
     name = f"sdcore {args.command}"
     if isinstance(exc, NonFiniteError):

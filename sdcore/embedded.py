@@ -82,7 +82,8 @@ def build(arch: str = "tiny", device=None, dtype=None, backend: str | None = Non
     """A StableDiffusionPipeline in ``arch`` with random weights drawn from ``seed`` (the same on every run)."""
     from .models import AutoencoderKL, UNet2DConditionModel
     from .models.text_encoder import build_text_encoder
-    from .pipeline import StableDiffusionPipeline, _scheduler_from_config
+    from .pipelines import StableDiffusionPipeline
+    from .pipelines.base import _scheduler_from_config
 
     if arch not in CONFIGS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
