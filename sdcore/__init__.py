@@ -14,7 +14,8 @@ _SUBMODULES = ("ops", "schedulers", "models", "pipelines", "loading", "single_fi
                "validate", "validate_models", "profile", "outputs", "args", "cli")
 # Names re-exported from a submodule: name -> module.
 _NAMES = {"StepCoefficients": "step", "StableDiffusionPipeline": "pipelines",
-          "StableDiffusionImg2ImgPipeline": "pipelines", "NonFiniteError": "pipelines"}
+          "StableDiffusionImg2ImgPipeline": "pipelines", "StableDiffusionXLPipeline": "pipelines",
+          "StableDiffusionXLImg2ImgPipeline": "pipelines", "NonFiniteError": "pipelines"}
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "__version__", *_SUBMODULES, *_NAMES]
 

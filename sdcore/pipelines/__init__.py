@@ -2,6 +2,7 @@
 names and call signatures. What they share (seeds, guidance, the loop, decode, LoRA) is in ``base``."""
 from .base import DiffusionPipeline, NonFiniteError, PipelineOutput
 from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from .stable_diffusion_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 __all__ = ["DiffusionPipeline", "NonFiniteError", "PipelineOutput", "StableDiffusionImg2ImgPipeline",
-           "StableDiffusionPipeline"]
+           "StableDiffusionPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline"]
