@@ -3,14 +3,15 @@ by the package, so `sdcore generate`, `make demo` and the benchmarks run with no
 structured noise, not pictures: pass a real model with --model (a diffusers folder or a .safetensors file).
 
 ``tiny`` is small enough for a CPU demo; ``sd15`` and ``sd21`` are the full-size SD 1.5 and SD 2.1 (768,
-v-prediction) networks, for timing."""
+v-prediction) networks, for timing. ``sdxl`` is the full-size SDXL base (1024, two text encoders) and
+``tiny-xl`` its miniature, which runs the SDXL pipeline in seconds."""
 from __future__ import annotations
 
 import torch
 
 from . import loading
 
-ARCHS = ("tiny", "sd15", "sd21")
+ARCHS = ("tiny", "sd15", "sd21", "tiny-xl", "sdxl")
 
 _SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     steps_offset=1, set_alpha_to_one=False, clip_sample=False, skip_prk_steps=True)
@@ -78,11 +79,16 @@ CONFIGS = {
 }
 
 
+def is_xl(arch: str) -> bool:
+    return "text_2" in CONFIGS.get(arch, {})
+
+
 def build(arch: str = "tiny", device=None, dtype=None, backend: str | None = None, seed: int = 0):
-    """A StableDiffusionPipeline in ``arch`` with random weights drawn from ``seed`` (the same on every run)."""
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for the XL archs) in ``arch`` with random weights
+    drawn from ``seed`` (the same on every run)."""
     from .models import AutoencoderKL, UNet2DConditionModel
     from .models.text_encoder import build_text_encoder
-    from .pipelines import StableDiffusionPipeline
+    from .pipelines import StableDiffusionPipeline, StableDiffusionXLPipeline
     from .pipelines.base import _scheduler_from_config
 
     if arch not in CONFIGS:
@@ -93,15 +99,22 @@ def build(arch: str = "tiny", device=None, dtype=None, backend: str | None = Non
         unet = UNet2DConditionModel.from_config(cfg["unet"]).eval()
         vae = AutoencoderKL.from_config(cfg["vae"]).eval()
         text_encoder = build_text_encoder(cfg["text"])
+        text_encoder_2 = build_text_encoder(cfg["text_2"], with_projection=True) if is_xl(arch) else None
     scheduler = _scheduler_from_config(cfg["scheduler"], f"embedded {arch}")
-    pipe = StableDiffusionPipeline(unet, vae, text_encoder, loading.default_tokenizer(), scheduler, backend=backend)
+    if text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(vae, text_encoder, text_encoder_2, loading.default_tokenizer(),
+                                         loading.default_tokenizer(pad_token="!"), unet, scheduler, backend=backend)
+    else:
+        pipe = StableDiffusionPipeline(unet, vae, text_encoder, loading.default_tokenizer(), scheduler,
+                                       backend=backend)
     return pipe.to(device, dtype)
 
 
 def describe(arch: str) -> str:
-    return (f"embedded default model ({arch}: Stable Diffusion architecture with RANDOM weights, so the image "
+    kind = "SDXL" if is_xl(arch) else "Stable Diffusion"
+    return (f"embedded default model ({arch}: {kind} architecture with RANDOM weights, so the image "
             "is noise, not a picture). For real images pass --model DIR (a diffusers folder) or "
             "--model FILE.safetensors (an original SD 1.x/2.x checkpoint).")
 
 
-__all__ = ["ARCHS", "CONFIGS", "build", "describe"]
+__all__ = ["ARCHS", "CONFIGS", "build", "describe", "is_xl"]
