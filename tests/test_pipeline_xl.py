@@ -236,7 +236,7 @@ def test_wrong_number_of_time_ids_is_named(saved):
     base = ours["base"]
     with pytest.raises(ValueError, match=r"5 time ids \(requires_aesthetics_score=True\).*"
                                          r"projection_class_embeddings_input_dim is 64"):
-        StableDiffusionXLImg2ImgPipeline.from_pipe(base).__class__(
+        StableDiffusionXLImg2ImgPipeline(
             base.vae, base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, base.unet,
             base.scheduler, requires_aesthetics_score=True)
     with pytest.raises(ValueError, match="requires_aesthetics_score .*StableDiffusionXLImg2ImgPipeline"):
