@@ -265,3 +265,17 @@ def test_refiner_bad_input_is_named(saved):
         refiner(PROMPT, image=_latents(), denoising_start=0.9999, num_inference_steps=2, progress=False)
     with pytest.raises(NotImplementedError, match="LoRA on SDXL"):
         refiner.load_lora_weights("x.safetensors")
+
+
+def test_each_image_of_a_batch_is_the_image_made_alone(saved):
+    """With negative micro-conditioning that differs from the positive, every image's rows of the time ids stay
+    its own (diffusers repeats the [negative, positive] pair, which mixes them up past one image), and a seed
+    gives the same image again."""
+    _, ours, _ = saved
+    kwargs = dict(num_inference_steps=2, output_type="latent", progress=False, negative_prompt=NEGATIVE,
+                  negative_original_size=(32, 32), negative_target_size=(48, 48))
+    both = ours["base"]([PROMPT, "a dog"], latents=torch.cat([_latents(1), _latents(2)]), **kwargs).images
+    alone = [ours["base"](p, latents=_latents(s), **kwargs).images for p, s in ((PROMPT, 1), ("a dog", 2))]
+    assert _max_diff(both, torch.cat(alone)) <= 1e-4  # batching changes float sums only
+    first, again = (ours["base"](PROMPT, seed=5, **kwargs) for _ in range(2))
+    assert first.seeds == [5] and torch.equal(first.images, again.images)
