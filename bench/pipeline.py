@@ -3,6 +3,7 @@ itself, on the same random SD-architecture weights and inputs, side by side in o
 
     python bench/pipeline.py --device cpu --sizes 256,512            # CPU fp32 (docs/PERF.md)
     python bench/pipeline.py --device cuda --dtype fp16 --sizes 512  # GPU
+    python bench/pipeline.py --arch sdxl --sizes 512 --impls kernels,diffusers   # SDXL base
 
 Per image size it reports: one UNet step (CFG batch 2), one VAE decode, the end-to-end latency of a short
 generation (text encoder + steps + decode), and peak memory. Each implementation runs in its own process
@@ -31,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def _diffusers_pipeline(pipe):
     """diffusers' own models with the sdcore pipeline's weights (same parameter names), SDPA attention."""
     import diffusers
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = diffusers.UNet2DConditionModel(**pipe.unet.config)
     unet.load_state_dict(pipe.unet.state_dict())
@@ -41,6 +42,15 @@ def _diffusers_pipeline(pipe):
     vae.load_state_dict(pipe.vae.state_dict())
     text = CLIPTextModel._from_config(pipe.text_encoder.config, attn_implementation="sdpa")
     text.load_state_dict(pipe.text_encoder.state_dict())
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+        text_2 = CLIPTextModelWithProjection._from_config(pipe.text_encoder_2.config, attn_implementation="sdpa")
+        text_2.load_state_dict(pipe.text_encoder_2.state_dict())
+        ref = diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=pipe.tokenizer,
+            tokenizer_2=pipe.tokenizer_2, unet=unet,
+            scheduler=diffusers.EulerDiscreteScheduler.from_config(dict(pipe.scheduler.config)))
+        ref.set_progress_bar_config(disable=True)
+        return ref.to(pipe.device, pipe.dtype)
     scheduler = diffusers.PNDMScheduler.from_config(dict(pipe.scheduler.config))
     ref = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=pipe.tokenizer, unet=unet,
                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -76,18 +86,26 @@ def worker(args) -> dict:
         text = torch.randn(2, 77, cross, generator=g).to(device, dtype)
         z = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
         t = torch.tensor(500, device=device)
+        added = {}
+        if pipe.unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids
+            cfg = pipe.unet.config
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            added["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g).to(device, dtype),
+                                          "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,
+                                                                   device=device, dtype=dtype)}
+        z_vae = z.to(next(vae.parameters()).dtype)  # sdcore keeps SDXL's force_upcast VAE in float32
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with torch.no_grad(), sdcore.use_backend(backend):
             if ref is not None:
-                unet_ms = measure(lambda: unet(x, t, encoder_hidden_states=text).sample, args.repeat)
-                vae_ms = measure(lambda: vae.decode(z).sample, args.repeat)
+                unet_ms = measure(lambda: unet(x, t, encoder_hidden_states=text, **added).sample, args.repeat)
+                vae_ms = measure(lambda: vae.decode(z_vae).sample, args.repeat)
                 e2e_ms = measure(lambda: ref("a photo of a cat", height=size, width=size,
                                              num_inference_steps=args.steps, output_type="pt",
                                              generator=torch.Generator().manual_seed(0)), 1, e2e_warmup)
             else:
-                unet_ms = measure(lambda: unet(x, t, text), args.repeat)
-                vae_ms = measure(lambda: vae.decode(z), args.repeat)
+                unet_ms = measure(lambda: unet(x, t, text, **added), args.repeat)
+                vae_ms = measure(lambda: vae.decode(z_vae), args.repeat)
                 e2e_ms = measure(lambda: pipe("a photo of a cat", height=size, width=size,
                                               num_inference_steps=args.steps, output_type="pt", seed=0,
                                               progress=False), 1, e2e_warmup)
@@ -102,7 +120,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp32 on cpu, fp16 on cuda")
-    p.add_argument("--arch", choices=["tiny", "sd15", "sd21"], default="sd15")
+    p.add_argument("--arch", choices=["tiny", "sd15", "sd21", "tiny-xl", "sdxl"], default="sd15")
     p.add_argument("--sizes", default="256,512", help="image sizes (square), comma-separated")
     p.add_argument("--steps", type=int, default=2, help="denoising steps of the end-to-end run")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")

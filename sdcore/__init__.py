@@ -10,11 +10,12 @@ from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from ._version import __version__
 
 # Subpackages and modules reachable as attributes of the package.
-_SUBMODULES = ("ops", "schedulers", "models", "pipeline", "loading", "single_file", "embedded", "reference",
+_SUBMODULES = ("ops", "schedulers", "models", "pipelines", "loading", "single_file", "embedded", "reference",
                "validate", "validate_models", "profile", "outputs", "args", "cli")
 # Names re-exported from a submodule: name -> module.
-_NAMES = {"StepCoefficients": "step", "StableDiffusionPipeline": "pipeline",
-          "StableDiffusionImg2ImgPipeline": "pipeline", "NonFiniteError": "pipeline"}
+_NAMES = {"StepCoefficients": "step", "StableDiffusionPipeline": "pipelines",
+          "StableDiffusionImg2ImgPipeline": "pipelines", "StableDiffusionXLPipeline": "pipelines",
+          "StableDiffusionXLImg2ImgPipeline": "pipelines", "NonFiniteError": "pipelines"}
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "__version__", *_SUBMODULES, *_NAMES]
 

@@ -120,22 +120,66 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str | None):
-    """A diffusers folder, a single checkpoint file, or (no --model) the embedded random-weight default."""
+def _folder_pipeline(path):
+    """The pipeline class for a diffusers folder: SDXL where model_index.json's _class_name says so or the
+    folder has a text_encoder_2/ (the refiner, requires_aesthetics_score, is the XL image-to-image one)."""
+    from . import loading
+    from .pipelines import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    index = loading.read_json(path / "model_index.json") if (path / "model_index.json").exists() else {}
+    name = str(index.get("_class_name", ""))
+    if "XL" not in name and not (path / "text_encoder_2").is_dir():
+        return StableDiffusionPipeline
+    refiner = "Img2Img" in name or index.get("requires_aesthetics_score") is True
+    return StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+
+
+def _load_vae(vae: str, device: str, dtype):
+    from pathlib import Path
+
+    from .models import AutoencoderKL
+
+    if not Path(vae).is_dir():
+        raise UsageError(f"--vae {vae}: no such folder (expected a diffusers AutoencoderKL folder: config.json and "
+                         "diffusion_pytorch_model.safetensors)")
+    return AutoencoderKL.from_pretrained(vae, device=device, dtype=dtype)
+
+
+def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str | None, vae: str | None = None):
+    """A diffusers folder (SD or SDXL), a single checkpoint file, or (no --model) the embedded random-weight
+    default; ``vae``, a VAE folder that replaces the model's (e.g. the fp16-fix SDXL VAE)."""
     from pathlib import Path
 
     from . import embedded
-    from .pipeline import StableDiffusionPipeline
+    from .pipelines import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if model is None:
+    replacement = _load_vae(vae, device, dtype) if vae else None
+    path = Path(model) if model is not None else None
+    if path is None:
         print(f"sdcore: using the {embedded.describe(arch)}", file=sys.stderr)
-        return embedded.build(arch, device=device, dtype=dtype, backend=backend)
-    path = Path(model)
-    if path.is_dir():
-        return StableDiffusionPipeline.from_pretrained(path, device=device, dtype=dtype, backend=backend)
-    if path.is_file():
-        return StableDiffusionPipeline.from_single_file(path, device=device, dtype=dtype, backend=backend)
-    raise FileNotFoundError(f"--model {model}: no such folder or file")
+        pipe = embedded.build(arch, device=device, dtype=dtype, backend=backend)
+    elif path.is_dir():
+        cls = _folder_pipeline(path)
+        if issubclass(cls, StableDiffusionXLPipeline):
+            pipe = cls.from_pretrained(path, device=device, dtype=dtype, backend=backend, vae=replacement)
+            replacement = None
+        else:
+            pipe = cls.from_pretrained(path, device=device, dtype=dtype, backend=backend)
+    elif path.is_file():
+        pipe = StableDiffusionPipeline.from_single_file(path, device=device, dtype=dtype, backend=backend)
+    else:
+        raise FileNotFoundError(f"--model {model}: no such folder or file")
+    if replacement is not None:
+        if replacement.config.latent_channels != pipe.vae.config.latent_channels or \
+                len(replacement.config.block_out_channels) != len(pipe.vae.config.block_out_channels):
+            raise UsageError(f"--vae {vae}: its latents ({replacement.config.latent_channels} channels, "
+                             f"{len(replacement.config.block_out_channels)} stages) are not the model's")
+        pipe.vae = replacement
+        if isinstance(pipe, StableDiffusionXLPipeline):
+            pipe._keep_vae_upcast()
+    if vae:
+        pipe.vae_source = vae
+    return pipe
 
 
 def _outputs(out: str, n: int) -> list:
@@ -206,7 +250,7 @@ def cmd_generate(args) -> int:
     import time
 
     from . import outputs, schedulers
-    from .pipeline import StableDiffusionImg2ImgPipeline
+    from .pipelines import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     _check_device(args)
     if args.strength is not None and args.init_image is None:
@@ -218,7 +262,14 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--out {exc}") from None
     image = _open_init_image(args.init_image) if args.init_image else None
     _check_loras(args.lora or [])
-    pipe = load_pipeline(args.model, args.arch, args.device, _dtype(args.dtype), args.backend)
+    pipe = load_pipeline(args.model, args.arch, args.device, _dtype(args.dtype), args.backend, args.vae)
+    xl = isinstance(pipe, StableDiffusionXLPipeline)
+    if xl and pipe.requires_aesthetics_score and image is None:
+        raise UsageError(f"--model {args.model} is an SDXL refiner (requires_aesthetics_score): it refines an image "
+                         "(--init-image) with StableDiffusionXLImg2ImgPipeline; it does not draw from noise")
+    if args.guidance is None:  # the model family's default, as diffusers
+        args.guidance = 5.0 if xl else 7.5
+    strength = args.strength if args.strength is not None else (0.3 if xl else 0.8)
     lora_settings = _apply_loras(pipe, args.lora or [])
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
@@ -232,8 +283,8 @@ def cmd_generate(args) -> int:
 
         if args.size:
             image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
-        result = StableDiffusionImg2ImgPipeline.from_pipe(pipe)(
-            args.prompt, image, strength=0.8 if args.strength is None else args.strength, **common)
+        img2img = StableDiffusionXLImg2ImgPipeline if xl else StableDiffusionImg2ImgPipeline
+        result = img2img.from_pipe(pipe)(args.prompt, image=image, strength=strength, **common)
     else:
         result = pipe(args.prompt, height=height, width=width, **common)
     seconds = time.perf_counter() - start
@@ -242,7 +293,7 @@ def cmd_generate(args) -> int:
         settings = outputs.generation_settings(
             steps=args.steps, sampler=sampler, guidance=args.guidance, seed=seed, size=picture.size,
             model=args.model or "embedded " + args.arch, extra=lora_settings,
-            strength=None if image is None else 0.8 if args.strength is None else args.strength)
+            strength=None if image is None else strength)
         text = outputs.parameters_text(args.prompt, args.negative_prompt, settings)
         outputs.save(picture, path, text, overwrite=args.overwrite)
         print(f"wrote {path}  ({picture.width}x{picture.height}, seed {seed})")
@@ -352,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate", parents=[common, device, model],
         help="text-to-image (or image-to-image with --init-image) to a PNG, JPEG or WebP",
-        description="Generates images with Stable Diffusion 1.x/2.x. --model takes a diffusers-format folder or "
+        description="Generates images with Stable Diffusion 1.x/2.x or SDXL. --model takes a diffusers-format folder or "
                     "an original .safetensors/.ckpt checkpoint; without it, an embedded model with the SD "
                     "architecture and RANDOM weights runs (--arch), which shows the pipeline works and how fast, "
                     "but draws noise. Prompts over 77 CLIP tokens are truncated with a warning. Every number is "
@@ -362,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", **_ranged("steps", "denoising steps (at most the model's training timesteps)", 25))
-    p.add_argument("--guidance", **_ranged("guidance", "classifier-free guidance scale; <= 1 turns it off", 7.5))
+    lo, hi = ranges.RANGES["guidance"]
+    p.add_argument("--guidance", type=ranges.cli_type("guidance"), default=None, metavar="X",
+                   help=f"classifier-free guidance scale, {ranges.describe(lo, hi)}; <= 1 turns it off (default "
+                        "7.5; SDXL 5.0)")
     p.add_argument("--seed", type=ranges.cli_type("seed"), default=None, metavar="N",
                    help=f"seed of the first image, {ranges.describe(*ranges.RANGES['seed'])}; image i uses seed + i "
                         "(default: random, printed)")
@@ -374,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="(default fp32)")
     p.add_argument("--init-image", metavar="IMG", help="image-to-image: start from this picture")
     p.add_argument("--strength", type=ranges.cli_type("strength"), default=None, metavar="X",
-                   help="img2img: how much of the schedule to redo, [0, 1] (default 0.8)")
+                   help="img2img: how much of the schedule to redo, [0, 1] (default 0.8; SDXL 0.3)")
+    p.add_argument("--vae", metavar="DIR",
+                   help="a diffusers AutoencoderKL folder that replaces the model's VAE (e.g. the fp16-fix SDXL "
+                        "VAE, which decodes in float16 without NaN)")
     p.add_argument("--out", default="out.png",
                    help="output image, .png, .jpg/.jpeg or .webp (default out.png; with --n > 1: out-0.png, "
                         "out-1.png, ...)")
@@ -450,7 +507,7 @@ def _run(argv) -> int:
 
 def _report(args, exc: Exception) -> int:
     """One line for the error; the traceback only with --debug."""
-    from .pipeline import NonFiniteError
+    from .pipelines import NonFiniteError
 
     name = f"sdcore {args.command}"
     if isinstance(exc, NonFiniteError):

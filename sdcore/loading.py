@@ -46,13 +46,14 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: i for i, token in enumerate(vocab)}, merges
 
 
-def default_tokenizer(model_max_length: int = 77):
-    """A transformers ``CLIPTokenizer`` for SD 1.x / 2.x prompts, built offline from the bundled BPE."""
+def default_tokenizer(model_max_length: int = 77, pad_token: str = EOS):
+    """A transformers ``CLIPTokenizer`` for SD 1.x / 2.x prompts, built offline from the bundled BPE. SDXL's
+    second tokenizer (OpenCLIP's) pads with ``pad_token="!"`` instead of the end-of-text token."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), unk_token=EOS, bos_token=BOS,
-                         eos_token=EOS, pad_token=EOS, model_max_length=model_max_length)
+                         eos_token=EOS, pad_token=pad_token, model_max_length=model_max_length)
 
 
 TOKENIZER_JSON = ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "added_tokens.json",

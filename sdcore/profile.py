@@ -134,7 +134,9 @@ def component_ranges(pipe, nvtx: bool = False):
             return sched
         return wrapper
 
-    targets = [(pipe.text_encoder, "forward", _ranged, "text_encoder"), (pipe.unet, "forward", _ranged, "unet"),
+    # SDXL's two text encoders count as one component (the refiner has only the second)
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    targets = [*((e, "forward", _ranged, "text_encoder") for e in encoders), (pipe.unet, "forward", _ranged, "unet"),
                (pipe, "_scheduler_for_call", lambda fn, *_: ranged_scheduler(fn), None),
                (pipe.vae, "decode", _ranged, "vae_decode")]
     saved = [(obj, attr, vars(obj).get(attr)) for obj, attr, _, _ in targets]
@@ -224,9 +226,16 @@ def unet_flops(pipe, height: int, width: int, batch: int) -> int:
     unet = loading.build_empty(type(pipe.unet), dict(pipe.unet.config))
     f = pipe.vae_scale_factor
     x = torch.zeros(2 * batch, unet.config.in_channels, height // f, width // f, device="meta")
-    text = torch.zeros(2 * batch, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, device="meta")
+    tokens = (pipe.tokenizer or pipe.tokenizer_2).model_max_length  # the SDXL refiner has only tokenizer_2
+    text = torch.zeros(2 * batch, tokens, unet.config.cross_attention_dim, device="meta")
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids (the refiner: 5)
+        n = 5 if pipe.requires_aesthetics_score else 6
+        pooled = unet.config.projection_class_embeddings_input_dim - n * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.zeros(2 * batch, pooled, device="meta"),
+                                      "time_ids": torch.zeros(2 * batch, n, device="meta")}
     with _backend.use_backend("reference"), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(x, torch.tensor(500, device="meta"), text)
+        unet(x, torch.tensor(500, device="meta"), text, **extra)
     return counter.get_total_flops()
 
 

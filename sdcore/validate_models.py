@@ -15,6 +15,7 @@ Tolerances, with rel = max |kernels - reference| / max |reference|:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Callable
 
@@ -65,12 +66,28 @@ def _components(pipe, size: tuple[int, int], steps: int):
     z = torch.randn(1, pipe.unet.config.out_channels, height // f, width // f, generator=g).to(dev, dtype)
     pipe.scheduler.set_timesteps(steps, device=dev)
     t = pipe.scheduler.timesteps[len(pipe.scheduler.timesteps) // 2]
+    unet_kwargs, call_kwargs = {}, dict(height=height, width=width)
+    cfg = pipe.unet.config
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + micro-conditioning time ids
+        ids = [float(height), float(width), 0.0, 0.0] + ([6.0] if pipe.requires_aesthetics_score else
+                                                         [float(height), float(width)])
+        pooled = cfg.projection_class_embeddings_input_dim - len(ids) * cfg.addition_time_embed_dim
+        unet_kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g).to(dev, dtype),
+                                            "time_ids": torch.tensor([ids] * 2, device=dev, dtype=dtype)}
+    if "strength" in inspect.signature(type(pipe).__call__).parameters:  # the SDXL refiner: image to image
+        picture = torch.rand(1, 3, height, width, generator=g)
+        call_kwargs = dict(image=picture, strength=0.5)
+
+    def text_encoder():
+        out = pipe.encode_prompt(PROMPT, negative_prompt=NEGATIVE)
+        return torch.cat([o.flatten() for o in out]) if isinstance(out, tuple) else out  # SDXL: + pooled
+
     return {
-        "text_encoder": lambda: pipe.encode_prompt(PROMPT, NEGATIVE),
-        "unet": lambda: pipe.unet(latents, t, text),
-        "vae_decode": lambda: pipe.vae.decode(z),
-        "image": lambda: pipe(PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
-                              num_inference_steps=steps, seed=0, output_type="pt", progress=False).images,
+        "text_encoder": text_encoder,
+        "unet": lambda: pipe.unet(latents, t, text, **unet_kwargs),
+        "vae_decode": lambda: pipe.vae.decode(z.to(next(pipe.vae.parameters()).dtype)),
+        "image": lambda: pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, seed=0, output_type="pt",
+                              progress=False, **call_kwargs).images,
     }
 
 

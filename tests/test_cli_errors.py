@@ -126,8 +126,8 @@ def test_bad_invocation_is_one_clear_line_and_touches_no_file(workdir, capsys, a
 def test_help_shows_each_numbers_range(capsys):
     code, out, _ = _main(["generate", "--help"], capsys)
     assert code == 0
-    for fragment in ("--steps N", "1..1000 (default 25)", "[0, 100] (default 7.5)", "1..64 (default 1)",
-                     "0..9223372036854775807", "[0, 1] (default 0.8)", "multiples of 8 in 8..8192"):
+    for fragment in ("--steps N", "1..1000 (default 25)", "[0, 100]; <= 1 turns it off (default 7.5; SDXL 5.0)",
+                     "1..64 (default 1)", "0..9223372036854775807", "[0, 1] (default 0.8; SDXL 0.3)", "multiples of 8 in 8..8192"):
         assert fragment in " ".join(out.split()), fragment
 
 

@@ -122,7 +122,7 @@ def sd_copy(sd_folder, tmp_path):
 
 
 def _from_pretrained(path):
-    from sdcore.pipeline import StableDiffusionPipeline
+    from sdcore.pipelines import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(path)
 

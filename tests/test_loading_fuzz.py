@@ -311,7 +311,7 @@ HOW = st.sampled_from(["truncate", "flip", "random", "empty", "lfs", "html"])
 
 
 def test_damaged_pipeline_folders_name_the_file(sd_folder, originals):
-    from sdcore.pipeline import StableDiffusionPipeline
+    from sdcore.pipelines import StableDiffusionPipeline
 
     @settings(max_examples=20, **FUZZ)
     @given(name=st.sampled_from(sorted(originals)), how=HOW, at=st.integers(0, 10**6), mask=BIT)
@@ -359,7 +359,7 @@ def single_files(tmp_path_factory):
 
 
 def test_damaged_single_files_name_the_file(single_files, scratch):
-    from sdcore.pipeline import StableDiffusionPipeline
+    from sdcore.pipelines import StableDiffusionPipeline
 
     kwargs = dict(num_heads=2, head_channels=16, vae_overrides=dict(norm_num_groups=8),
                   unet_overrides=dict(norm_num_groups=8))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdcore import lora
-from sdcore.pipeline import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from sdcore.pipelines import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: `make test` installs it")
 pytest.importorskip("peft", reason="peft is diffusers' LoRA backend, the oracle here: `make test` installs it")

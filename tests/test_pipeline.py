@@ -9,7 +9,7 @@ import torch
 
 import sdcore
 from sdcore import loading
-from sdcore.pipeline import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from sdcore.pipelines import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency: `make test` installs it")
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")

@@ -10,7 +10,7 @@ import torch
 
 import sdcore
 from sdcore import embedded
-from sdcore.pipeline import NonFiniteError, StableDiffusionImg2ImgPipeline
+from sdcore.pipelines import NonFiniteError, StableDiffusionImg2ImgPipeline
 
 FAST = dict(num_inference_steps=2, height=64, width=64, progress=False, output_type="np")
 

@@ -134,3 +134,23 @@ def test_invalid_config_json_is_named(saved, tmp_path):
     config.write_text(config.read_text().replace('"hidden_size": 64', '"hidden_size": 64 64'))
     with pytest.raises(ValueError, match=rf"^{config}: invalid JSON \(line \d+ column \d+: Expecting ',' delimiter"):
         text_encoder.load_text_encoder(tmp_path)
+
+
+def test_with_projection_matches_transformers(tmp_path):
+    """SDXL's second encoder: CLIPTextModelWithProjection (chosen from config.json's architectures), its
+    projected pooled output and penultimate hidden states, on ids padded with "!" as SDXL's tokenizer_2 pads."""
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=2, hidden_act="gelu", projection_dim=24)
+    ref = transformers.CLIPTextModelWithProjection(config).eval()
+    ref.save_pretrained(tmp_path / "text_encoder_2", safe_serialization=True)
+    ours = text_encoder.load_text_encoder(tmp_path, subfolder="text_encoder_2")
+    assert type(ours).__name__ == "CLIPTextModelWithProjection"
+    tok = loading.default_tokenizer(pad_token="!")
+    ids = tok(["a photo of a cat", "a dog"], padding="max_length", return_tensors="pt").input_ids
+    assert ids[1, -1] == tok.convert_tokens_to_ids("!") == 0
+    with torch.no_grad():
+        got, want = ours(ids, output_hidden_states=True), ref(ids, output_hidden_states=True)
+    assert got.text_embeds.shape == (2, 24)
+    for a, b in ((got.text_embeds, want.text_embeds), (got.hidden_states[-2], want.hidden_states[-2])):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-4

@@ -164,7 +164,7 @@ def test_missing_tensor_is_named(saved, tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("class_embed_type", "timestep"), ("addition_embed_type", "text_time"), ("only_cross_attention", True),
+    ("class_embed_type", "timestep"), ("addition_embed_type", "text_image"), ("only_cross_attention", True),
     ("only_cross_attention", [False, True]), ("mid_block_type", "UNetMidBlock2D"), ("dual_cross_attention", True),
     ("time_embedding_type", "fourier"), ("resnet_time_scale_shift", "scale_shift"), ("norm_num_groups", None),
     ("down_block_types", ["AttnDownBlock2D", "DownBlock2D"]), ("transformer_layers_per_block", [[1, 2], [1, 2]]),

@@ -1,5 +1,6 @@
 """SD's text encoders are transformers' CLIPTextModel (SD 1.x: OpenAI ViT-L/14, SD 2.x: OpenCLIP ViT-H/14 in
-HF format). sdcore does not copy CLIP: it registers its attention with transformers' AttentionInterface, so
+HF format); SDXL adds a CLIPTextModelWithProjection (OpenCLIP bigG/14), whose projected pooled output conditions
+its UNet too. sdcore does not copy CLIP: it registers its attention with transformers' AttentionInterface, so
 the causal self-attention of every layer runs through sdcore.ops.attention (and follows use_backend)."""
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def text_config(config: dict, source="text encoder config"):
 
 def load_text_encoder(path, subfolder: str | None = "text_encoder", device=None, dtype=None,
                       variant: str | None = None):
-    """A CLIPTextModel from a diffusers-format folder (config.json + model[.variant].safetensors or
+    """A CLIPTextModel (or, where config.json's ``architectures`` says so, as in SDXL's text_encoder_2/, a
+    CLIPTextModelWithProjection) from a diffusers-format folder (config.json + model[.variant].safetensors or
     pytorch_model[.variant].bin), offline, with its attention on sdcore.ops. Strict, as the UNet and VAE are:
     transformers' own from_pretrained would fill a missing tensor with random values and carry on."""
     from .. import loading
@@ -74,9 +76,12 @@ def load_text_encoder(path, subfolder: str | None = "text_encoder", device=None,
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: missing (expected a transformers CLIPTextModel folder)")
-    config = text_config(loading.read_json(config_file), config_file)
+    raw = loading.read_json(config_file)
+    config = text_config(raw, config_file)
+    with_projection = "CLIPTextModelWithProjection" in (raw.get("architectures") or ())
     weights = loading.find_weights(folder, ["model.safetensors", "pytorch_model.bin"], variant)
-    return build_text_encoder(config, loading.read_state_dict(weights), device=device, dtype=dtype, source=weights)
+    return build_text_encoder(config, loading.read_state_dict(weights), device=device, dtype=dtype, source=weights,
+                              with_projection=with_projection)
 
 
 def position_ids(config) -> torch.Tensor:
@@ -96,32 +101,36 @@ def _model_names(state: dict, model_keys, config) -> dict:
         bare = key.removeprefix("text_model.")
         if bare == "embeddings.position_ids":
             continue
-        name = prefix + bare
+        name = bare if bare in model_keys else prefix + bare  # text_projection sits beside text_model
         out[key if name in out else name] = value  # a name given twice stays as it was: unexpected, and said
     out.update({k: position_ids(config) for k in model_keys if k.endswith(".position_ids")})
     return out
 
 
-def build_text_encoder(config, state: dict | None = None, device=None, dtype=None, source="text encoder"):
-    """transformers' CLIPTextModel for a config (a dict or a CLIPTextConfig), with sdcore's attention: loaded
+def build_text_encoder(config, state: dict | None = None, device=None, dtype=None, source="text encoder",
+                       with_projection: bool = False):
+    """transformers' CLIPTextModel (``with_projection``: CLIPTextModelWithProjection, whose first output is the
+    pooled embedding projected to projection_dim) for a config (a dict or a CLIPTextConfig), with sdcore's
+    attention: loaded
     strictly from ``state`` (every tensor present, nothing extra, shapes and dtypes right; errors name
     ``source``) onto a model built on the meta device, so a failed load leaves nothing half initialized; or
     randomly initialized from the global RNG when there is no state (the embedded default model)."""
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from .. import loading
 
     config = text_config(config, source) if isinstance(config, dict) else config
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     if state is None:
-        return CLIPTextModel._from_config(config, attn_implementation=register()).to(device=device, dtype=dtype).eval()
+        return cls._from_config(config, attn_implementation=register()).to(device=device, dtype=dtype).eval()
     with torch.device("meta"):
-        model = CLIPTextModel._from_config(config, attn_implementation=register())
+        model = cls._from_config(config, attn_implementation=register())
     loading.load_weights(model, _model_names(state, model.state_dict().keys(), config), source)
     # Non-persistent buffers are in no file: load_state_dict leaves them on the meta device.
     for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             if not name.endswith("position_ids"):
-                raise RuntimeError(f"{name}: a buffer of CLIPTextModel that sdcore does not know how to rebuild")
+                raise RuntimeError(f"{name}: a buffer of {cls.__name__} that sdcore does not know how to rebuild")
             owner, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(owner), leaf, position_ids(config))
     return model.to(device=device, dtype=dtype).eval()

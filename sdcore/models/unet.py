@@ -1,6 +1,8 @@
-"""UNet2DConditionModel (Rombach et al. 2022): SD 1.x / 2.x's noise predictor, with diffusers' parameter names
-and config keys. A U of resnet stages with spatial transformers that cross-attend to the text embeddings, all
-conditioned on the timestep through a sinusoidal embedding."""
+"""UNet2DConditionModel (Rombach et al. 2022): SD 1.x / 2.x's and SDXL's noise predictor, with diffusers'
+parameter names and config keys. A U of resnet stages with spatial transformers that cross-attend to the text
+embeddings, all conditioned on the timestep through a sinusoidal embedding; SDXL (Podell et al. 2023) adds to
+that embedding one made from the pooled text embedding and the "micro-conditioning" time ids (image sizes,
+crop, aesthetic score)."""
 from __future__ import annotations
 
 import math
@@ -9,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import loading, ops
-from .layers import Downsample, GroupNorm, ResnetBlock, Upsample
+from .. import loading
+from .layers import GroupNorm
+from .unet_blocks import DownBlock, MidBlock, UpBlock
 
 DEFAULTS = dict(sample_size=None, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -18,11 +21,12 @@ DEFAULTS = dict(sample_size=None, in_channels=4, out_channels=4, flip_sin_to_cos
                 mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False,
                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32, norm_eps=1e-5,
                 cross_attention_dim=1280, transformer_layers_per_block=1, attention_head_dim=8,
-                num_attention_heads=None, use_linear_projection=False, upcast_attention=False)
-# diffusers options beyond SD 1.x / 2.x: a config may name them only with the values listed (their defaults).
+                num_attention_heads=None, use_linear_projection=False, upcast_attention=False,
+                addition_embed_type=None, addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
+# diffusers options beyond SD 1.x / 2.x / XL: a config may name them only with the values listed (their defaults).
 FIXED = dict(center_input_sample=(False,), downsample_padding=(1,), mid_block_scale_factor=(1,),
              act_fn=("silu", "swish"), dual_cross_attention=(False,), encoder_hid_dim_type=(None,),
-             class_embed_type=(None,), num_class_embeds=(None,), addition_embed_type=(None,),
+             class_embed_type=(None,), num_class_embeds=(None,), addition_embed_type=(None, "text_time"),
              resnet_time_scale_shift=("default",), resnet_skip_time_act=(False,), resnet_out_scale_factor=(1,),
              time_embedding_type=("positional",), time_embedding_dim=(None,), time_embedding_act_fn=(None,),
              timestep_post_act=(None,), time_cond_proj_dim=(None,), conv_in_kernel=(3,), conv_out_kernel=(3,),
@@ -56,164 +60,6 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class Attention(nn.Module):
-    """Multi-head attention of image tokens over ``context`` (cross-attention to the text) or over themselves.
-    ``upcast`` (SD 2.x) runs the attention in float32 for half-precision inputs, where its logits overflow."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
-        super().__init__()
-        self.heads, self.upcast = heads, upcast
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-
-    def forward(self, x, context=None):
-        context = x if context is None else context
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, N, H*D] -> [B, H, N, D]
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = ops.attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            out = ops.attention(q, k, v)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
-
-
-class GEGLU(nn.Module):
-    """A linear layer whose output is gated by the GELU of a second half (Shazeer 2020)."""
-
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
-
-    def forward(self, x):
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-    """GEGLU to 4x width and back. net.1 is diffusers' dropout slot: an Identity keeps net.2's name."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
-
-    def forward(self, x):
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
-class TransformerBlock(nn.Module):
-    """Pre-LayerNorm self-attention, cross-attention to the text and feed-forward, each residual
-    (diffusers' BasicTransformerBlock)."""
-
-    def __init__(self, dim: int, heads: int, context_dim: int, upcast: bool):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, upcast=upcast)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
-        self.norm3 = nn.LayerNorm(dim)
-        self.ff = FeedForward(dim)
-
-    def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
-
-
-class Transformer(nn.Module):
-    """The spatial transformer (diffusers' Transformer2DModel): the feature map's pixels become tokens, pass
-    through ``depth`` transformer blocks and are added back. proj_in/proj_out are per-pixel linear maps, stored
-    as 1x1 convs in SD 1.x and as Linear in SD 2.x (use_linear_projection): the same map either way."""
-
-    def __init__(self, channels: int, heads: int, context_dim: int, depth: int, groups: int, linear: bool,
-                 upcast: bool):
-        super().__init__()
-        inner = heads * (channels // heads)
-        self.norm = GroupNorm(groups, channels, 1e-6)
-        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
-        self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(inner, heads, context_dim, upcast) for _ in range(depth)])
-        self.proj_out = nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1)
-
-    @staticmethod
-    def _per_pixel(proj: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        return F.linear(tokens, proj.weight.flatten(1), proj.bias)
-
-    def forward(self, x, context):
-        b, c, h, w = x.shape
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        tokens = self._per_pixel(self.proj_in, tokens)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, context)
-        tokens = self._per_pixel(self.proj_out, tokens)
-        return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
-
-
-class DownBlock(nn.Module):
-    """One resolution of the contracting path: resnets (each followed by a transformer in a cross-attention
-    block), then a stride-2 conv. Every output is pushed onto ``skips`` for the expanding path."""
-
-    def __init__(self, cin: int, cout: int, n: int, temb: int, groups: int, eps: float,
-                 transformer: dict | None, downsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups, eps, temb) for i in range(n)])
-        self.attentions = nn.ModuleList(
-            [Transformer(cout, groups=groups, **transformer) for _ in range(n)] if transformer else [])
-        self.downsamplers = nn.ModuleList([Downsample(cout, padding=1)]) if downsample else None
-
-    def forward(self, x, temb, context, skips: list):
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions:
-                x = self.attentions[i](x, context)
-            skips.append(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            skips.append(x)
-        return x
-
-
-class MidBlock(nn.Module):
-    """The bottleneck: resnet, transformer, resnet (diffusers' UNetMidBlock2DCrossAttn)."""
-
-    def __init__(self, channels: int, temb: int, groups: int, eps: float, transformer: dict):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, eps, temb) for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer(channels, groups=groups, **transformer)])
-
-    def forward(self, x, temb, context):
-        x = self.attentions[0](self.resnets[0](x, temb), context)
-        return self.resnets[1](x, temb)
-
-
-class UpBlock(nn.Module):
-    """One resolution of the expanding path: each resnet takes the previous output concatenated with the
-    latest skip (popped from ``skips``), then nearest 2x upsampling to the size of the next skip, which is how
-    odd sizes rounded up by the stride-2 convs come back exactly."""
-
-    def __init__(self, cin: int, cout: int, skip_channels: list[int], temb: int, groups: int, eps: float,
-                 transformer: dict | None, upsample: bool):
-        super().__init__()
-        n = len(skip_channels)
-        self.resnets = nn.ModuleList(
-            [ResnetBlock((cin if i == 0 else cout) + skip_channels[i], cout, groups, eps, temb) for i in range(n)])
-        self.attentions = nn.ModuleList(
-            [Transformer(cout, groups=groups, **transformer) for _ in range(n)] if transformer else [])
-        self.upsamplers = nn.ModuleList([Upsample(cout)]) if upsample else None
-
-    def forward(self, x, temb, context, skips: list):
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
-            if self.attentions:
-                x = self.attentions[i](x, context)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x, size=skips[-1].shape[-2:])
-        return x
-
-
 def _check_config(config: dict) -> None:
     for key, allowed in FIXED.items():
         if key in config and config[key] not in allowed:
@@ -233,6 +79,12 @@ def _check_config(config: dict) -> None:
         unknown = sorted(set(config.get(key, DEFAULTS[key])) - set(known))
         if unknown:
             raise ValueError(f"UNet2DConditionModel: unsupported {key} {unknown} (sdcore supports {sorted(known)})")
+    if config.get("addition_embed_type") == "text_time":
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"UNet2DConditionModel: addition_embed_type='text_time' needs {key} to be a "
+                                 f"positive integer, got {value!r}")
 
 
 def _per_block(value, key: str, n: int) -> list:
@@ -247,7 +99,7 @@ def _per_block(value, key: str, n: int) -> list:
 class UNet2DConditionModel(loading.Pretrained, nn.Module):
     """Predicts the noise (or v) in ``sample`` at ``timestep``, conditioned on the text's ``encoder_hidden_states``.
     Built from diffusers' unet/config.json keys (``from_config``) or a diffusers-format folder (``from_pretrained``);
-    options SD 1.x / 2.x never use are rejected with a ValueError naming the key."""
+    options SD 1.x / 2.x / XL never use are rejected with a ValueError naming the key."""
 
     def __init__(self, **config):
         super().__init__()
@@ -272,6 +124,8 @@ class UNet2DConditionModel(loading.Pretrained, nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
+        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + sinusoids of the time ids
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
         self.down_blocks = nn.ModuleList()
         skip_channels = [ch[0]]
         for i, kind in enumerate(cfg.down_block_types):
@@ -289,13 +143,18 @@ class UNet2DConditionModel(loading.Pretrained, nn.Module):
         self.conv_norm_out = GroupNorm(groups, ch[0], eps, silu=True)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                added_cond_kwargs: dict | None = None) -> torch.Tensor:
         """sample [B, C, H, W]; timestep a number, a 0-d tensor or one per sample [B]; encoder_hidden_states
-        [B, tokens, cross_attention_dim]. Returns the prediction, shaped like ``sample``."""
+        [B, tokens, cross_attention_dim]; for an SDXL UNet (addition_embed_type "text_time"),
+        ``added_cond_kwargs={"text_embeds": [B, D], "time_ids": [B, n]}`` as diffusers takes them. Returns the
+        prediction, shaped like ``sample``."""
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
         features = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                       self.config.freq_shift)
         temb = self.time_embedding(features.to(sample.dtype))
+        if self.config.addition_embed_type == "text_time":
+            temb = temb + self.add_embedding(self._text_time(added_cond_kwargs, sample.shape[0]).to(temb.dtype))
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
@@ -304,3 +163,30 @@ class UNet2DConditionModel(loading.Pretrained, nn.Module):
         for block in self.up_blocks:
             x = block(x, temb, encoder_hidden_states, skips)
         return self.conv_out(self.conv_norm_out(x))
+
+    def _text_time(self, added_cond_kwargs: dict | None, batch: int) -> torch.Tensor:
+        """SDXL's added conditioning, [B, projection_class_embeddings_input_dim]: the pooled text embedding, then
+        each time id's own sinusoidal embedding (addition_time_embed_dim wide). The base model takes 6 time ids
+        (original size, crop top-left, target size), the refiner 5 (the target size replaced by the aesthetic
+        score): a count that does not fill projection_class_embeddings_input_dim is refused by name."""
+        cfg = self.config
+        if not isinstance(added_cond_kwargs, dict) or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
+            got = sorted(added_cond_kwargs) if isinstance(added_cond_kwargs, dict) else repr(added_cond_kwargs)
+            raise ValueError("UNet2DConditionModel: this UNet has addition_embed_type='text_time' (SDXL), so it "
+                             "needs added_cond_kwargs={'text_embeds': pooled [B, D], 'time_ids': [B, n]}; got "
+                             f"{got}")
+        text, ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        for name, value in (("text_embeds", text), ("time_ids", ids)):
+            if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[0] != batch:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"added_cond_kwargs[{name!r}] must be a [{batch}, n] tensor (one row per "
+                                 f"sample), got {shape}")
+        width = text.shape[1] + ids.shape[1] * cfg.addition_time_embed_dim
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"added_cond_kwargs: {ids.shape[1]} time_ids x addition_time_embed_dim {cfg.addition_time_embed_dim}"
+                f" + text_embeds width {text.shape[1]} = {width}, but this UNet's projection_class_embeddings_"
+                f"input_dim is {cfg.projection_class_embeddings_input_dim} (SDXL base: 6 time ids; the refiner, "
+                "requires_aesthetics_score: 5)")
+        time = timestep_embedding(ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        return torch.cat([text, time.reshape(batch, -1).to(text.dtype)], dim=-1)

@@ -11,7 +11,8 @@ from .layers import Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Up
 
 DEFAULTS = dict(in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=4,
                 norm_num_groups=32, sample_size=32, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
-                use_post_quant_conv=True, mid_block_add_attention=True, act_fn="silu")
+                use_post_quant_conv=True, mid_block_add_attention=True, act_fn="silu",
+                force_upcast=True)  # force_upcast: SDXL pipelines decode in float32 (read there)
 EPS = 1e-6
 
 

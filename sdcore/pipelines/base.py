@@ -1,9 +1,6 @@
-"""Text-to-image and image-to-image with Stable Diffusion 1.x / 2.x, step for step what diffusers'
-StableDiffusionPipeline does, on sdcore's models: one batched UNet call per step for classifier-free guidance
-(uncond first), guidance folded into the fused scheduler step, the VAE decode, and seeds you can reuse.
-
-Prompts longer than CLIP's 77 tokens are truncated, as diffusers does, with a warning that names the
-dropped words.
+"""What every sdcore pipeline shares, step for step what diffusers' pipelines do: seeds you can reuse,
+classifier-free guidance as one batched UNet call per step (uncond first) folded into the fused scheduler
+step, the denoising loop with its callbacks and NaN/Inf watch, the VAE decode, and the LoRA API.
 
 Thread safety: one pipeline may serve calls from several threads at once. Each call works on its own copy
 of the scheduler (the schedule, step index and multistep history are per call), tokenizing is serialized,
@@ -21,10 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _backend, loading, schedulers
-from .args import check_int, checked
-from .models import AutoencoderKL, UNet2DConditionModel, load_text_encoder
-from .models.text_encoder import build_text_encoder
+from .. import _backend, loading, schedulers
+from ..args import check_int, checked
 
 log = logging.getLogger("sdcore")
 
@@ -44,14 +39,15 @@ class NonFiniteError(RuntimeError):
     """A generation produced NaN or Inf: ``component`` ("text encoder", "UNet", "scheduler step", "VAE decode"
     or "callback") at ``step`` (1-based; None outside the denoising loop). No image is returned."""
 
-    def __init__(self, component: str, step: int | None, total: int):
+    def __init__(self, component: str, step: int | None, total: int, detail: str = ""):
         self.component, self.step = component, step
         where = f" at step {step} of {total}" if step is not None else ""
+        causes = detail or ("Usual causes: float16 overflow (try dtype bf16 or fp32), corrupt weights, or an "
+                            "input holding NaN.")
         super().__init__(
             f"the {component} produced NaN/Inf{where}, so the image would be garbage (often black) and none "
-            "is returned. Usual causes: float16 overflow (try dtype bf16 or fp32), corrupt weights, or an input "
-            "holding NaN. Pass allow_nan=True (sdcore generate --allow-nan) to get the image anyway, for "
-            "debugging.")
+            f"is returned. {causes} Pass allow_nan=True (sdcore generate --allow-nan) to get the image anyway, "
+            "for debugging.")
 
 
 class _FiniteWatch:
@@ -61,23 +57,23 @@ class _FiniteWatch:
     def __init__(self, enabled: bool, total: int):
         self.enabled, self.total, self.pending = enabled, total, []
 
-    def check(self, tensor: torch.Tensor, component: str, step: int | None = None) -> None:
+    def check(self, tensor: torch.Tensor, component: str, step: int | None = None, detail: str = "") -> None:
         if not self.enabled:
             return
         bad = ~torch.isfinite(tensor).all()
         if tensor.device.type == "cpu":
             if bad:
-                raise NonFiniteError(component, step, self.total)
+                raise NonFiniteError(component, step, self.total, detail)
         else:
-            self.pending.append((component, step, bad))
+            self.pending.append((component, step, detail, bad))
 
     def raise_if_bad(self) -> None:
         pending, self.pending = self.pending, []
         if pending:
-            flags = torch.stack([bad for _, _, bad in pending]).tolist()
-            for (component, step, _), bad in zip(pending, flags):
+            flags = torch.stack([bad for *_, bad in pending]).tolist()
+            for (component, step, detail, _), bad in zip(pending, flags):
                 if bad:
-                    raise NonFiniteError(component, step, self.total)
+                    raise NonFiniteError(component, step, self.total, detail)
 
 
 def _rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, factor: float) -> torch.Tensor:
@@ -114,68 +110,26 @@ def _scheduler_from_folder(path: Path) -> schedulers.Scheduler:
     return _scheduler_from_config(loading.read_json(config_file), config_file)
 
 
-class StableDiffusionPipeline:
-    """``pipe = StableDiffusionPipeline.from_pretrained(dir)``; ``pipe("a photo of a cat").images[0]``."""
+class DiffusionPipeline:
+    """The parts of a text-to-image pipeline that do not depend on how the prompt is encoded. A subclass sets
+    ``unet``, ``vae``, ``scheduler`` and its text encoders and tokenizers, and calls ``_setup``."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, backend: str | None = None):
-        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = \
-            unet, vae, text_encoder, tokenizer, scheduler
+    # the attributes holding models, moved together by ``to``
+    _models = ("unet", "vae", "text_encoder")
+
+    def _setup(self, backend: str | None) -> None:
         self.backend = _backend._check(backend) if backend is not None else None
-        self.scheduler_config = dict(scheduler.source_config)  # the model's, for set_scheduler
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scheduler_config = dict(self.scheduler.source_config)  # the model's, for set_scheduler
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_source = getattr(self, "vae_source", "AutoencoderKL")  # from_pretrained names its folder
         # transformers' tokenizers keep padding/truncation settings on the tokenizer object while they encode.
         self._tokenizer_lock = threading.Lock()
 
-    # ------------------------------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, backend: str | None = None, variant: str | None = None):
-        """A diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/),
-        offline; ``variant="fp16"`` reads the *.fp16.safetensors files."""
-        path = Path(path)
-        if not (path / "model_index.json").exists():
-            raise FileNotFoundError(f"{path}: no model_index.json (expected a diffusers-format Stable Diffusion "
-                                    "folder; for a single .safetensors/.ckpt file use from_single_file)")
-        loading.read_json(path / "model_index.json")  # only checked: the component folders are fixed names
-        for part in ("unet", "vae", "text_encoder", "scheduler"):
-            if not (path / part).is_dir():
-                raise FileNotFoundError(f"{path / part}: missing component folder")
-        # The small files first, so a broken config fails before seconds of weights loading.
-        scheduler = _scheduler_from_folder(path)
-        tokenizer = loading.load_tokenizer(path / "tokenizer") if (path / "tokenizer").is_dir() else \
-            loading.default_tokenizer()
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, device=device,
-                                                    dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, device=device, dtype=dtype)
-        text_encoder = load_text_encoder(path, subfolder="text_encoder", device=device, dtype=dtype,
-                                         variant=variant)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, backend=backend)
-
-    @classmethod
-    def from_single_file(cls, path, device=None, dtype=None, backend: str | None = None,
-                         prediction_type: str | None = None, use_ema: bool = False, **detect_overrides):
-        """An original LDM/CompVis checkpoint (.safetensors, or .ckpt read with weights_only=True), SD 1.x or
-        2.x, the model type inferred from its tensors (see sdcore.single_file); the tokenizer is the bundled
-        CLIP BPE. ``use_ema`` takes the model_ema.* UNet of a full training checkpoint instead of the live
-        weights (diffusers' and A1111's default is the live ones). SD 2.x files without a global_step are
-        taken as v-prediction: pass ``prediction_type="epsilon"`` for the 512-px base models. What the tensors
-        don't say (heads, norm groups) follows SD's configs; ``detect_overrides`` (num_heads, head_channels,
-        unet_overrides, vae_overrides, text_overrides) are for checkpoints that differ."""
-        from . import single_file
-
-        parts = single_file.load_components(path, prediction_type=prediction_type, use_ema=use_ema,
-                                            **detect_overrides)
-        unet = loading.build_empty(UNet2DConditionModel, parts["unet_config"])
-        loading.load_weights(unet, parts["unet_state"], f"{path} (UNet)")
-        vae = loading.build_empty(AutoencoderKL, parts["vae_config"])
-        loading.load_weights(vae, parts["vae_state"], f"{path} (VAE)")
-        text_encoder = build_text_encoder(parts["text_config"], parts["text_state"], source=f"{path} (text encoder)")
-        scheduler = _scheduler_from_config(parts["scheduler_config"], path)
-        pipe = cls(unet.eval(), vae.eval(), text_encoder, loading.default_tokenizer(), scheduler, backend=backend)
-        return pipe.to(device, dtype)
-
     def to(self, device=None, dtype=None):
-        for model in (self.unet, self.vae, self.text_encoder):
-            model.to(device=device, dtype=dtype)
+        for name in self._models:
+            model = getattr(self, name)
+            if model is not None:
+                model.to(device=device, dtype=dtype)
         return self
 
     @property
@@ -196,8 +150,9 @@ class StableDiffusionPipeline:
         return _backend.use_backend(self.backend) if self.backend else contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------------ prompts
-    def _tokens(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer
+    def _tokens(self, prompts: list[str], tok=None) -> torch.Tensor:
+        """Token ids padded to the tokenizer's length (with its pad token: SDXL's second pads with "!")."""
+        tok = tok or self.tokenizer
         with self._tokenizer_lock:
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
@@ -209,42 +164,6 @@ class StableDiffusionPipeline:
                     log.warning("prompt longer than CLIP's %d tokens; truncated, dropping: %r (prompt %r)",
                                 tok.model_max_length, dropped, prompt[:60])
         return ids
-
-    def _embed(self, ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
-        enc = self.text_encoder
-        ids = ids.to(enc.device)
-        if clip_skip is None:
-            return enc(ids)[0]
-        # The (clip_skip + 1)-th last layer's hidden states, through the final LayerNorm.
-        hidden = enc(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
-        return getattr(enc, "text_model", enc).final_layer_norm(hidden)  # transformers 5 dropped .text_model
-
-    def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, guidance: bool = True,
-                      clip_skip: int | None = None) -> torch.Tensor:
-        """[uncond; cond] text embeddings (cond only without guidance), each prompt repeated per image.
-        As in diffusers, clip_skip applies to the prompt, not to the negative prompt."""
-        prompts = _prompt_list("prompt", prompt)
-        cond = self._embed(self._tokens(prompts), clip_skip)
-        cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
-        if not guidance:
-            return cond
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = _prompt_list("negative_prompt", negative_prompt)
-            negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
-            if len(negatives) != len(prompts):
-                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        uncond = self._embed(self._tokens(negatives), None).repeat_interleave(num_images_per_prompt, dim=0)
-        return torch.cat([uncond, cond])
-
-    def _conditioning(self, prompt, negative_prompt, num_images_per_prompt, guidance_scale, clip_skip, watch):
-        """The UNet's text embeddings in the pipeline's dtype, and how many images they make. Guidance is on
-        when guidance_scale > 1, as in diffusers."""
-        guidance = guidance_scale > 1.0
-        embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, guidance, clip_skip)
-        watch.check(embeds, "text encoder")
-        return embeds.to(self.dtype), embeds.shape[0] // (2 if guidance else 1)
 
     def _check_call(self, *, prompt, negative_prompt, num_inference_steps, guidance_scale, guidance_rescale,
                     num_images_per_prompt, eta, seed, clip_skip, output_type):
@@ -269,7 +188,8 @@ class StableDiffusionPipeline:
             if seed + count - 1 > 2**63 - 1:
                 raise ValueError(f"seed must be at most 2**63 - {count} so that every image's seed + i fits, got {seed}")
         if clip_skip is not None:
-            layers = self.text_encoder.config.num_hidden_layers
+            layers = min(getattr(self, name).config.num_hidden_layers for name in self._models
+                         if name.startswith("text_encoder") and getattr(self, name) is not None)
             check_int("clip_skip", clip_skip, 0, layers - 1)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
@@ -306,6 +226,15 @@ class StableDiffusionPipeline:
         noise = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
         return noise.to(self.device, dtype), _step_generator(base), seeds
 
+    def _start_latents(self, latents, shape, count: int, generator, seed):
+        """The caller's ``latents`` or fresh noise (see _noise); with the sampler's generator and the seeds."""
+        if latents is None:
+            return self._noise(shape, count, generator, seed, self.dtype)
+        step_generator = generator[0] if isinstance(generator, list) else generator
+        if step_generator is None and seed is not None:
+            step_generator = _step_generator(int(seed))
+        return latents.to(self.device, self.dtype), step_generator, [None] * count
+
     # ------------------------------------------------------------------------------------------ the loop
     def _check_size(self, height, width):
         f = self.vae_scale_factor
@@ -315,8 +244,11 @@ class StableDiffusionPipeline:
                 raise ValueError(f"{name} must be a multiple of {f} (the VAE's downsampling factor), got {v}")
 
     def _denoise(self, sched, latents, timesteps, embeds, guidance_scale, guidance_rescale, step_generator, eta,
-                 callback_on_step_end, progress, watch):
+                 callback_on_step_end, progress, watch, added_cond_kwargs: dict | None = None):
+        """The loop over ``timesteps``; ``embeds`` (and SDXL's ``added_cond_kwargs``) are [uncond; cond] with
+        guidance, as the UNet takes them."""
         cfg = embeds.shape[0] == 2 * latents.shape[0]
+        extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
         step_kwargs = {"eta": eta} if isinstance(sched, schedulers.DDIMScheduler) else {}
         iterator = timesteps
         if progress:
@@ -325,7 +257,7 @@ class StableDiffusionPipeline:
             iterator = tqdm(timesteps, desc="sdcore", unit="step")
         for i, t in enumerate(iterator):
             x = torch.cat([latents, latents]) if cfg else latents
-            out = self.unet(sched.scale_model_input(x, t), t, embeds)
+            out = self.unet(sched.scale_model_input(x, t), t, embeds, **extra)
             watch.check(out, "UNet", i + 1)
             if cfg and guidance_rescale > 0:
                 uncond, cond = out.chunk(2)
@@ -346,8 +278,13 @@ class StableDiffusionPipeline:
     def _decode(self, latents, output_type, watch):
         if output_type == "latent":
             return latents
-        image = self.vae.decode(latents / self.vae.config.scaling_factor)
-        watch.check(image, "VAE decode")
+        dtype = next(self.vae.parameters()).dtype  # float32 where an SDXL pipeline keeps it upcast
+        image = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor)
+        watch.check(image, "VAE decode", detail=(
+            f"The VAE ({self.vae_source}) ran in {str(dtype).removeprefix('torch.')}. A VAE that overflows in "
+            "float16 (SDXL's does) needs force_upcast: true in its config (it then decodes in float32), dtype "
+            "bf16/fp32, or a replacement VAE that doesn't (vae=... in from_pretrained, sdcore generate --vae "
+            "PATH; e.g. the fp16-fix SDXL VAE)."))
         watch.raise_if_bad()
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
@@ -360,51 +297,10 @@ class StableDiffusionPipeline:
         # nan_to_num: only an allow_nan call gets here with NaN, and wants its (black) image without a warning.
         return [Image.fromarray((np.nan_to_num(a) * 255).round().astype(np.uint8)) for a in array]
 
-    @torch.no_grad()
-    def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
-                 num_images_per_prompt: int = 1, eta: float = 0.0, generator=None, seed: int | None = None,
-                 latents: torch.Tensor | None = None, clip_skip: int | None = None, output_type: str = "pil",
-                 callback_on_step_end=None, progress: bool = True, allow_nan: bool = False) -> PipelineOutput:
-        """Text to image. Guidance is on when guidance_scale > 1 (one UNet call on [uncond; cond] per step).
-        Every argument is checked before any work. A NaN/Inf in any component's output raises
-        :class:`NonFiniteError` naming the component and step, unless ``allow_nan``."""
-        n_prompts, sched = self._check_call(
-            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            num_images_per_prompt=num_images_per_prompt, eta=eta, seed=seed, clip_skip=clip_skip,
-            output_type=output_type)
-        size = self.unet.config.sample_size * self.vae_scale_factor
-        height = size if height is None else height
-        width = size if width is None else width
-        self._check_size(height, width)
-        count = n_prompts * num_images_per_prompt
-        shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        if isinstance(generator, list) and len(generator) != count:
-            raise ValueError(f"generator: {len(generator)} generators for {count} images")
-        watch = _FiniteWatch(not allow_nan, num_inference_steps)
-        with self._backend_scope(), self._adapters().lock.shared():  # no adapter switch mid-generation
-            embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
-                                               clip_skip, watch)
-            if latents is None:
-                latents, step_generator, seeds = self._noise(shape, count, generator, seed, self.dtype)
-            else:
-                latents, seeds = latents.to(self.device, self.dtype), [None] * count
-                step_generator = generator[0] if isinstance(generator, list) else generator
-                if step_generator is None and seed is not None:
-                    step_generator = _step_generator(int(seed))
-            latents = latents * sched.init_noise_sigma
-            latents = self._denoise(sched, latents, sched.timesteps, embeds, guidance_scale, guidance_rescale,
-                                    step_generator, eta, callback_on_step_end, progress, watch)
-            return PipelineOutput(self._decode(latents, output_type, watch), seeds)
-
     # ------------------------------------------------------------------------------------------ LoRA
     # Thin wrappers over sdcore.lora (merging, formats, the readers-writer lock); diffusers' names.
     def _adapters(self):
-        from . import lora
+        from .. import lora
 
         return lora.state(self)
 
@@ -467,53 +363,3 @@ def _image_tensor(image, multiple: int) -> torch.Tensor:
     return x * 2 - 1
 
 
-class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
-    """Image to image: encode the image, noise it to ``strength`` of the schedule, denoise the rest."""
-
-    @classmethod
-    def from_pipe(cls, pipe: StableDiffusionPipeline) -> "StableDiffusionImg2ImgPipeline":
-        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, backend=pipe.backend)
-
-    @torch.no_grad()
-    def __call__(self, prompt, image, strength: float = 0.8, negative_prompt=None, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, num_images_per_prompt: int = 1,
-                 eta: float = 0.0, generator=None, seed: int | None = None, clip_skip: int | None = None,
-                 output_type: str = "pil", callback_on_step_end=None, progress: bool = True,
-                 allow_nan: bool = False) -> PipelineOutput:
-        """Image to image: ``strength`` of the schedule is redone on the encoded ``image``. Arguments and
-        NaN/Inf are checked as in text to image."""
-        n_prompts, sched = self._check_call(
-            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            num_images_per_prompt=num_images_per_prompt, eta=eta, seed=seed, clip_skip=clip_skip,
-            output_type=output_type)
-        strength = checked("strength", "strength", strength)
-        if int(num_inference_steps * strength) == 0:
-            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run "
-                             f"(strength x steps must be at least 1)")
-        x = _image_tensor(image, self.vae_scale_factor)
-        count = n_prompts * num_images_per_prompt
-        if count % x.shape[0]:
-            raise ValueError(f"image: {x.shape[0]} images for {count} outputs")
-        watch = _FiniteWatch(not allow_nan, num_inference_steps)
-        with self._backend_scope(), self._adapters().lock.shared():  # no adapter switch mid-generation
-            embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
-                                               clip_skip, watch)
-            x = x.to(self.device, self.dtype)
-            t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-            timesteps = sched.timesteps[t_start * sched.order:]
-            sched.set_begin_index(t_start * sched.order)
-
-            seeds = [None] * count
-            if generator is None:  # one CPU generator for the encoder sample and the noise, from the seed
-                base = random.randrange(2**31) if seed is None else int(seed)
-                generator, seeds = torch.Generator().manual_seed(base), [base] * count
-            gen = generator[0] if isinstance(generator, list) else generator
-            init = self.vae.encode(x).sample(gen) * self.vae.config.scaling_factor
-            init = init.repeat(count // x.shape[0], 1, 1, 1)  # each image encoded once, tiled as diffusers does
-            noise = torch.randn(init.shape, generator=gen, device=gen.device).to(self.device, self.dtype)
-            latents = sched.add_noise(init, noise, timesteps[:1])
-            watch.check(latents, "VAE encode")
-            latents = self._denoise(sched, latents, timesteps, embeds, guidance_scale, guidance_rescale, gen, eta,
-                                    callback_on_step_end, progress, watch)
-            return PipelineOutput(self._decode(latents, output_type, watch), seeds)
