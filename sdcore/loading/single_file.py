@@ -36,7 +36,7 @@ import re
 
 import torch
 
-from . import loading
+from .files import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ _OUTSIDE_IGNORED = re.compile(r"(betas|alphas_cumprod(_prev)?|sqrt_\w+|log_one_m
 def read_checkpoint(path) -> dict:
     """The tensors of a single-file checkpoint, unwrapped from a .ckpt's top-level "state_dict" (its
     "global_step", when there is one, is kept under that key for the SD 2.x prediction-type heuristic)."""
-    raw = loading.read_state_dict(path)
+    raw = read_state_dict(path)
     state = raw
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -383,7 +383,7 @@ def convert_clip(state: dict, config: dict | None = None) -> dict:
 def _with_position_ids(out: dict, keys: list, config: dict) -> dict:
     """Older transformers keep position_ids as a persistent buffer: made fresh (some fp16 SD 1.x files hold
     them as rounded floats)."""
-    from .models.text_encoder import position_ids
+    from ..models.text_encoder import position_ids
 
     out.update({k: position_ids(config) for k in keys if k.endswith(".position_ids")})
     return out
