@@ -3,7 +3,8 @@ CLIP tokenizer that SD 1.x and 2.x share, built from the BPE merges bundled in t
 MIT; see LICENSE-clip-bpe.txt), so no hub download is ever needed.
 
 The parts: ``files`` reads JSON configs and weights files (and names what an unusable one is instead),
-``single_file`` converts original LDM/CompVis SD 1.x / 2.x checkpoints."""
+``single_file`` converts original LDM/CompVis SD 1.x / 2.x checkpoints and ``single_file_xl`` SDXL base and
+refiner ones (Stability's SGM layout), both through ``ldm``'s renaming tables."""
 from __future__ import annotations
 
 import functools
