@@ -82,7 +82,7 @@ def check_outcome(path, load):
 
 def _assert_sane(state, path):
     """What loaded is tensors within the file's size (no view blown up past its storage)."""
-    tensors = list(loading._stored_tensors(state))
+    tensors = list(loading.files._stored_tensors(state))
     assert all(t.numel() * t.element_size() <= path.stat().st_size for t in tensors)
 
 
@@ -240,7 +240,7 @@ def test_claimed_sizes_are_checked_before_allocating(blobs, tmp_path):
                 print(name, "ValueError", exc)
     """)
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(loading.__file__)))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(loading.__file__))))
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert len(lines) == len(names), out.stdout + out.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""sdcore.single_file on small random SD 1.x / 2.x models written in the original LDM/CompVis layout.
+"""sdcore.loading.single_file on small random SD 1.x / 2.x models written in the original LDM/CompVis layout.
 
 The LDM files are made here by an inverse mapping (diffusers -> LDM) written independently of sdcore's tables,
 and that mapping is itself checked against diffusers' own single-file converters (the oracle)."""
@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from sdcore import loading, single_file as sf
+from sdcore import loading
+from sdcore.loading import single_file as sf
 from sdcore.models.text_encoder import build_text_encoder
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test dependency (the conversion oracle)")
@@ -373,7 +374,7 @@ def test_keys_outside_the_components_are_ignored_with_a_warning(ckpts, tmp_path,
     state = {**ckpts["sd1"], "control_model.zero_convs.0.0.weight": torch.zeros(1), "model_ema.decay": torch.ones(())}
     path = tmp_path / "extra.safetensors"
     safetensors_torch.save_file(state, str(path))
-    with caplog.at_level("WARNING", logger="sdcore.single_file"):
+    with caplog.at_level("WARNING", logger="sdcore.loading.single_file"):
         sf.load_components(path, head_channels=32)
     # DDPM buffers (betas, alphas_cumprod) and model_ema.* are dropped silently, by design.
     assert "outside Stable Diffusion's components: ['control_model']" in caplog.text

@@ -1,4 +1,5 @@
-"""AutoencoderKL (Rombach et al. 2022): SD's VAE, with diffusers' parameter names and config keys."""
+"""AutoencoderKL (Rombach et al. 2022): SD's VAE, with diffusers' parameter names and config keys, and
+diffusers' tiled encode / decode for large images (``enable_tiling``, see vae_tiling.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,11 +9,14 @@ from torch import nn
 
 from .. import loading
 from .layers import Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Upsample
+from .vae_tiling import OVERLAP_FACTOR, tiled
 
+# diffusers' AutoencoderKL config keys and defaults. force_upcast (SDXL's VAE overflows in fp16, so its config
+# asks for fp32 decoding), shift_factor and latents_mean/std are kept for the pipelines that read them.
 DEFAULTS = dict(in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=4,
-                norm_num_groups=32, sample_size=32, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
-                use_post_quant_conv=True, mid_block_add_attention=True, act_fn="silu",
-                force_upcast=True)  # force_upcast: SDXL pipelines decode in float32 (read there)
+                norm_num_groups=32, sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None,
+                latents_std=None, force_upcast=True, use_quant_conv=True, use_post_quant_conv=True,
+                mid_block_add_attention=True, act_fn="silu")
 EPS = 1e-6
 
 
@@ -115,18 +119,45 @@ class AutoencoderKL(loading.Pretrained, nn.Module):
         self.decoder = Decoder(self.config)
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if self.config["use_quant_conv"] else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if self.config["use_post_quant_conv"] else None
+        # Tiling, off by default (diffusers' attribute names): tiles of the size the VAE was trained at.
+        self.use_tiling = False
+        size = self.config["sample_size"]
+        self.tile_sample_min_size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self.tile_latent_min_size = self.tile_sample_min_size // 2 ** (len(self.config["block_out_channels"]) - 1)
+        self.tile_overlap_factor = OVERLAP_FACTOR
+
+    def enable_tiling(self) -> None:
+        """Encode and decode images larger than a tile (config ``sample_size``) tile by tile, with blended seams,
+        so memory stays bounded whatever the image size. The result differs a little from the untiled one."""
+        if int(self.tile_latent_min_size * (1 - self.tile_overlap_factor)) < 1:
+            raise ValueError(f"AutoencoderKL: sample_size={self.config['sample_size']} is too small to tile (a tile "
+                             f"of {self.tile_latent_min_size} latent pixels)")
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            moments = tiled(x, self._moments, self.tile_sample_min_size, self.tile_latent_min_size,
+                            self.tile_overlap_factor)
+        else:
+            moments = self._moments(x)
         mean, logvar = moments.chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar.clamp(-30.0, 20.0))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return tiled(z, self._decode, self.tile_latent_min_size, self.tile_sample_min_size,
+                         self.tile_overlap_factor)
+        return self._decode(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x).mean)

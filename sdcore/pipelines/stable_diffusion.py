@@ -62,7 +62,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         taken as v-prediction: pass ``prediction_type="epsilon"`` for the 512-px base models. What the tensors
         don't say (heads, norm groups) follows SD's configs; ``detect_overrides`` (num_heads, head_channels,
         unet_overrides, vae_overrides, text_overrides) are for checkpoints that differ."""
-        from .. import single_file
+        from ..loading import single_file
 
         parts = single_file.load_components(path, prediction_type=prediction_type, use_ema=use_ema,
                                             **detect_overrides)
