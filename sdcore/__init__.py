@@ -14,7 +14,8 @@ _SUBMODULES = ("ops", "schedulers", "models", "pipeline", "loading", "single_fil
                "validate", "validate_models", "profile", "outputs", "args", "cli")
 # Names re-exported from a submodule: name -> module.
 _NAMES = {"StepCoefficients": "step", "StableDiffusionPipeline": "pipeline",
-          "StableDiffusionImg2ImgPipeline": "pipeline", "NonFiniteError": "pipeline"}
+          "StableDiffusionImg2ImgPipeline": "pipeline", "NonFiniteError": "pipeline",
+          "StopDenoising": "pipeline"}
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "__version__", *_SUBMODULES, *_NAMES]
 
