@@ -10,11 +10,13 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 import secrets
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -30,6 +32,17 @@ from .schemas import Img2ImgRequest, Txt2ImgRequest
 log = logging.getLogger("sdcore.serve")
 STATIC = Path(__file__).parent / "static"
 POLL = 0.2  # seconds between checks that a waiting client is still there
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float written as text (JSON has no inf or NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def a1111_error(status: int, exc: Exception, detail=None, headers=None) -> JSONResponse:
@@ -111,6 +124,11 @@ def create_app(engine, *, queue_size: int = 16, limits: Limits | None = None, cr
     app.state.queue, app.state.engine = queue, engine
     app.add_middleware(Guard, credentials=credentials, max_body=max_body)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        # FastAPI's own 422 body, except that an input JSON can't hold (1e999 parses to inf) is sent as text.
+        return JSONResponse({"detail": jsonable_encoder(_json_safe(exc.errors()))}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):

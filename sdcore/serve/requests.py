@@ -87,15 +87,16 @@ class _Errors:
             self.add(field, str(exc), value)
             return None
 
-    def check(self, key: str, field: str, value, lo=None, hi=None):
-        """``value`` against RANGES[key] narrowed to [lo, hi]; an entry naming ``field`` if out of range."""
+    def check(self, key: str, field: str, value, lo=None, hi=None, loc=None):
+        """``value`` against RANGES[key] narrowed to [lo, hi]; an entry naming ``field`` (at ``loc``, default
+        the field) if out of range."""
         low, high = ranges.RANGES[key]
         low, high = low if lo is None else max(low, lo), high if hi is None else min(high, hi)
         check = ranges.check_int if isinstance(low, int) else ranges.check_float
         try:
             return check(field, value, low, high)
         except (TypeError, ValueError) as exc:
-            self.add(field, str(exc), value)
+            self.add(loc or field, str(exc), value)
             return None
 
 
@@ -119,7 +120,7 @@ def parse_loras(prompt: str, lora_dir, errors: _Errors, apply: bool = True) -> t
             errors.add("prompt", f"<{kind}:{arguments}>: separate text-encoder and UNet weights are not "
                                  "supported; give one weight", prompt)
             continue
-        weight = errors.check("lora_weight", f"<{kind}:{arguments}> weight", values[0])
+        weight = errors.check("lora_weight", f"<{kind}:{arguments}> weight", values[0], loc="prompt")
         if name in seen:
             errors.add("prompt", f"LoRA {name!r} is named twice", prompt)
             continue
