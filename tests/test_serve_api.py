@@ -345,3 +345,37 @@ def test_a_closed_queue_refuses_new_jobs(folders):
     with TestClient(app) as c:
         r = post(c, "txt2img", **FAST)
         assert r.status_code == 503 and "shutting down" in r.json()["detail"]
+
+
+def test_models_dir_switches_by_name_and_nothing_leads_outside_it(tmp_path):
+    import torch
+    from test_pipeline import _diffusers_pipeline
+
+    models = tmp_path / "models"
+    first = _diffusers_pipeline()
+    first.save_pretrained(models / "alpha", safe_serialization=True)
+    with torch.no_grad():
+        for p in first.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    first.save_pretrained(tmp_path / "outside", safe_serialization=True)
+    first.save_pretrained(models / "beta", safe_serialization=True)
+    (models / "gamma").symlink_to(tmp_path / "outside")  # a symlink out of the folder: never listed
+    (models / "notes.txt").write_text("not a model")
+    app = create_app(Engine(models_dir=models), limits=LIMITS)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert [m["title"] for m in c.get("/sdapi/v1/sd-models").json()] == ["alpha", "beta"]
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "alpha"  # the first, at start
+        alpha = post(c, "txt2img", seed=1, **FAST).json()
+        assert f"Model: {models / 'alpha'}" in info(alpha)["infotexts"][0]
+        beta = post(c, "txt2img", seed=1, override_settings={"sd_model_checkpoint": "beta"}, **FAST).json()
+        assert f"Model: {models / 'beta'}" in info(beta)["infotexts"][0]
+        assert not np.array_equal(pixels(alpha["images"][0]), pixels(beta["images"][0]))
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "alpha"  # restored afterwards
+        assert c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "beta [0123456789]"}).status_code == 200
+        again = post(c, "txt2img", seed=1, **FAST).json()
+        assert np.array_equal(pixels(again["images"][0]), pixels(beta["images"][0]))
+        for name, words in (("gamma", "not one of the available"), ("../outside", "path separator"),
+                            (str(tmp_path / "outside"), "path separator"), ("notes", "not one of the available")):
+            got = fields(c.post("/sdapi/v1/options", json={"sd_model_checkpoint": name}))
+            assert words in got["sd_model_checkpoint"], (name, got)
+    app.state.queue.close()
