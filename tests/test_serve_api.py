@@ -379,3 +379,20 @@ def test_models_dir_switches_by_name_and_nothing_leads_outside_it(tmp_path):
             got = fields(c.post("/sdapi/v1/options", json={"sd_model_checkpoint": name}))
             assert words in got["sd_model_checkpoint"], (name, got)
     app.state.queue.close()
+
+
+def test_serve_command_line_errors_are_one_line_exit_2(tmp_path, capsys):
+    from sdcore.serve import server
+
+    assert cli.main(["serve", "--models-dir", str(tmp_path / "none")]) == 2
+    assert cli.main(["serve", "--lora-dir", str(tmp_path / "none")]) == 2
+    assert cli.main(["serve", "--api-auth", "nopassword"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"sdcore serve: --models-dir {tmp_path / 'none'}: no such folder",
+                   f"sdcore serve: --lora-dir {tmp_path / 'none'}: no such folder",
+                   "sdcore serve: --api-auth takes USER:PASSWORD (comma-separated for several), got 'nopassword'"]
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--queue", "0"])
+    assert server.parse_credentials("a:b, c:d:e") == [("a", "b"), ("c", "d:e")]
+    assert [server.is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "192.168.1.2")] == \
+        [True, True, True, False, False]

@@ -3,7 +3,6 @@ drives it: txt2img with a batch, img2img, the samplers, progress during a run, i
 client that goes away, SIGTERM, and a load of 50 concurrent requests against a queue of 8."""
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -32,7 +31,6 @@ class Server:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(os.devnull, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "sdcore", "serve", "--arch", "tiny", "--port",
                                       str(self.port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)

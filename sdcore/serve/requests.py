@@ -225,8 +225,7 @@ def build(req, kind: str, *, options: dict, limits: Limits, lora_dir, find_model
     if seed == -1:
         seed = random.randrange(2**32)
     else:
-        lo, hi = ranges.RANGES["seed"]
-        errors.check("seed", "seed", seed, hi=hi - count + 1)
+        errors.check("seed", "seed", seed, hi=ranges.RANGES["seed"][1] - count + 1)  # seed + i must fit
     clean, loras = parse_loras(req.prompt, lora_dir, errors, apply=not req.disable_extra_networks)
     plan = dict(prompt=req.prompt, clean_prompt=clean, negative_prompt=req.negative_prompt, loras=loras,
                 seed=seed, batch_size=batch, n_iter=n_iter, steps=steps, cfg_scale=cfg, width=width,

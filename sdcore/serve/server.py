@@ -50,9 +50,13 @@ def run(args, engine, limits) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=None)
     server = Server(config)
-    print(f"sdcore serve: http://{args.host}:{args.port}/ (API under /sdapi/v1, queue of {args.queue})",
-          file=sys.stderr, flush=True)
-    server.run()
+    print(f"sdcore serve: starting on http://{args.host}:{args.port}/ (API under /sdapi/v1, queue of "
+          f"{args.queue})", file=sys.stderr, flush=True)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit when it can't listen (it has logged why)
+        queue.close()
+        raise ValueError(f"can't listen on {args.host}:{args.port} (see the error above)") from None
     queue.close()
     queue.join(timeout=60)
     return 0 if server.started else 2
