@@ -80,7 +80,7 @@ def test_type_a_prompt_press_generate_see_the_image_and_100_percent(tmp_path):
             assert time.monotonic() < end, "the form never filled its sampler list from the API"
             time.sleep(0.1)
         driver.type("#prompt", "a lighthouse at dusk")
-        for field, value in (("#steps", "12"), ("#width", "64"), ("#height", "64"), ("#seed", "21")):
+        for field, value in (("#steps", "40"), ("#width", "64"), ("#height", "64"), ("#seed", "21")):
             driver.type(field, value)
         driver.s("POST", f"/element/{driver.find('#generate')}/click", {})
         seen = set()

@@ -109,7 +109,7 @@ def test_txt2img_batch_img2img_and_samplers_as_an_a1111_client(server):
                                                     width=64, height=64, seed=3))
     assert status == 200 and image(body["images"][0]).size == (64, 64), body
     for sampler in server.get("/sdapi/v1/samplers"):
-        status, body, _ = server.post("txt2img", sampler_name=sampler["name"], **FAST)
+        status, body, _ = server.post("txt2img", sampler_name=sampler["name"], steps=1, width=64, height=64)
         assert status == 200 and info(body)["sampler_name"] in sampler["name"], (sampler, body)
 
 

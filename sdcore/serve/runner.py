@@ -158,7 +158,7 @@ class Engine:
                 else:
                     result = pipe(plan.clean_prompt, height=plan.height, width=plan.width, **common)
             except (ValueError, TypeError) as exc:  # what the pipeline refuses before any work
-                raise Invalid([error("body", str(exc))]) from None
+                raise Invalid([error([], str(exc))]) from None
             # A1111 decodes and returns an interrupted batch as it stands; so does the pipeline on StopDenoising.
             images += result.images
             seeds += result.seeds
