@@ -17,7 +17,8 @@ _MOVED = {"single_file": "loading.single_file"}
 # Names re-exported from a submodule: name -> module.
 _NAMES = {"StepCoefficients": "step", "StableDiffusionPipeline": "pipelines",
           "StableDiffusionImg2ImgPipeline": "pipelines", "StableDiffusionXLPipeline": "pipelines",
-          "StableDiffusionXLImg2ImgPipeline": "pipelines", "NonFiniteError": "pipelines"}
+          "StableDiffusionXLImg2ImgPipeline": "pipelines", "NonFiniteError": "pipelines",
+          "StopDenoising": "pipelines"}
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "__version__", *_SUBMODULES, *_MOVED, *_NAMES]
 

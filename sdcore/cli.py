@@ -338,12 +338,46 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    _check_device(args)
+    try:
+        from .serve import requests, runner, server
+    except ImportError as exc:
+        raise UsageError(f"sdcore serve needs FastAPI and uvicorn: pip install 'sdcore[serve]' ({exc})") from None
+    for flag, folder in (("--models-dir", args.models_dir), ("--lora-dir", args.lora_dir)):
+        if folder is not None and not Path(folder).is_dir():
+            raise UsageError(f"{flag} {folder}: no such folder")
+    if args.api_auth:
+        server.parse_credentials(args.api_auth)  # a malformed one is a usage error, before the model loads
+    dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    engine = runner.Engine(model=args.model, arch=args.arch, models_dir=args.models_dir, lora_dir=args.lora_dir,
+                           device=args.device, dtype=_dtype(dtype), backend=args.backend, outdir=args.outdir)
+    engine.ensure(engine.options["sd_model_checkpoint"])  # a model that can't load stops here, not at a request
+    limits = requests.Limits(max_steps=args.max_steps, max_side=args.max_side,
+                             max_batch_pixels=args.max_batch_pixels)
+    return server.run(args, engine, limits)
+
+
 # ---------------------------------------------------------------------------------------------- parsers
 def _ranged(key: str, what: str, default) -> dict:
     """add_argument keywords for a range-checked number whose help shows the range and the default."""
     lo, hi = ranges.RANGES[key]
     return dict(type=ranges.cli_type(key), default=default, metavar="N" if isinstance(lo, int) else "X",
                 help=f"{what}, {ranges.describe(lo, hi)} (default {default})")
+
+
+def _int_in(name: str, lo: int, hi: int):
+    """An argparse ``type=`` for an integer option in [lo, hi] (a server setting, not in ranges.RANGES)."""
+    def parse(text: str) -> int:
+        try:
+            return ranges.check_int("value", int(text), lo, hi)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in {lo}..{hi}, got {text!r}") from None
+
+    parse.__name__ = name
+    return parse
 
 
 def _parents(default_device: str):
@@ -491,6 +525,43 @@ example: sdcore profile --arch sd15 --size 256x256 --steps 2 --compare kernels,t
     which.add_argument("--compare", metavar="A,B", help="profile each backend in turn, e.g. kernels,torch")
     p.add_argument("--out", metavar="DIR", help="write traces, summary.json and hotspots.png here")
     p.set_defaults(func=cmd_profile, arch_default="tiny")
+
+    p = sub.add_parser(
+        "serve", parents=[common, device, model],
+        help="an HTTP server speaking AUTOMATIC1111's /sdapi/v1 API, with a web page at /",
+        description="Serves txt2img, img2img, options, sd-models, samplers, schedulers, loras, progress, "
+                    "interrupt, skip and scripts under /sdapi/v1, with A1111's field names and defaults, so A1111 "
+                    "clients work unchanged; fields asking for what sdcore lacks (hires fix, inpainting, face "
+                    "restoration, scripts, unknown samplers) are refused with a 422 naming them. One job runs at "
+                    "a time; --queue more wait, and beyond that requests get 503 with Retry-After. --size sets "
+                    "the size of requests that give none (default A1111's 512x512). Binds 127.0.0.1 unless told "
+                    "otherwise; SIGTERM finishes the running job, refuses new ones and exits.")
+    p.add_argument("--models-dir", metavar="DIR",
+                   help="checkpoints (.safetensors/.ckpt files, diffusers folders) that sd_model_checkpoint may "
+                        "switch to; the first is loaded at start when there is no --model")
+    p.add_argument("--lora-dir", metavar="DIR", help="LoRA .safetensors files that <lora:name:weight> may name")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_in("port", 1, 65535), default=7860, metavar="N",
+                   help="(default 7860, as A1111)")
+    p.add_argument("--api-auth", metavar="USER:PASS", help="HTTP basic auth for everything served, as A1111's "
+                                                             "(several: comma-separated)")
+    p.add_argument("--queue", type=_int_in("queue", 1, 1000), default=16, metavar="N",
+                   help="jobs that may wait behind the running one, 1..1000 (default 16)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp32 on cpu, fp16 on cuda")
+    p.add_argument("--backend", choices=["kernels", "torch", "reference"], default=None,
+                   help="where attention/GroupNorm/steps run (default: kernels when built)")
+    p.add_argument("--outdir", metavar="DIR", help="where requests with save_images write their PNGs (default: "
+                                                   "none; save_images is refused)")
+    p.add_argument("--max-steps", type=_int_in("max-steps", 1, 1000), default=150, metavar="N",
+                   help="most steps a request may ask for (default 150)")
+    p.add_argument("--max-side", type=_int_in("max-side", 8, 8192), default=2048, metavar="N",
+                   help="largest width or height (default 2048)")
+    p.add_argument("--max-batch-pixels", type=_int_in("max-batch-pixels", 64, 2**40), default=4 << 20,
+                   metavar="N", help="most width x height x batch_size per request (default 4194304: four "
+                                     "1024x1024 images)")
+    p.add_argument("--max-body-mb", type=_int_in("max-body-mb", 1, 4096), default=32, metavar="N",
+                   help="largest request body, init images included (default 32)")
+    p.set_defaults(func=cmd_serve, arch_default="tiny")
     return parser
 
 

@@ -106,7 +106,7 @@ def test_sdist_holds_everything_the_build_needs(sdist):
     names = _sdist_names(sdist)
     needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "CHANGELOG.md", "CMakeLists.txt"}
     for pattern in ("tools/*.py", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "csrc/**/*.cuh",
-                    "sdcore/data/*", "sdcore/**/*.py"):
+                    "sdcore/data/*", "sdcore/**/*.py", "sdcore/serve/static/*"):
         needed |= {p.relative_to(ROOT).as_posix() for p in ROOT.glob(pattern) if "__pycache__" not in p.parts}
     needed.discard("sdcore/_build_config.json")
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
@@ -219,7 +219,9 @@ def test_its_wheel_installs_into_a_second_fresh_venv_and_runs(installed, tmp_pat
     _, wheel = installed
     assert not wheel.name.endswith("-none-any.whl"), f"{wheel.name}: a compiled extension needs a platform wheel"
     names = zipfile.ZipFile(wheel).namelist()
-    for needed in ("sdcore/_build_config.json", "sdcore/_version.py", "sdcore/data/bpe_simple_vocab_16e6.txt.gz"):
+    for needed in ("sdcore/_build_config.json", "sdcore/_version.py", "sdcore/data/bpe_simple_vocab_16e6.txt.gz",
+                   "sdcore/serve/app.py", "sdcore/serve/static/index.html", "sdcore/serve/static/app.js",
+                   "sdcore/serve/static/style.css"):
         assert needed in names, f"{needed} not in {wheel.name}"
     assert [n for n in names if n.startswith("sdcore/_C") and n.endswith(".so")], f"no extension in {wheel.name}"
     venv_b = _make_venv(tmp_path / "venv-b")

@@ -50,6 +50,12 @@ class NonFiniteError(RuntimeError):
             "for debugging.")
 
 
+class StopDenoising(Exception):
+    """Raised by a ``callback_on_step_end`` to end the denoising loop after the step it was called for: the
+    latents finished so far are decoded and returned, as an interrupted generation in A1111 (and diffusers'
+    ``pipe._interrupt``, which lives on the pipeline and so can't stop one call among several threads)."""
+
+
 class _FiniteWatch:
     """Checks each component's output for NaN/Inf. On the CPU a check is immediate; on a GPU each one is a
     device-side flag, read once at the end (one sync per generation instead of one per step)."""
@@ -268,7 +274,10 @@ class DiffusionPipeline:
                                      guidance_scale=guidance_scale if cfg else None, **step_kwargs).prev_sample
             watch.check(latents, "scheduler step", i + 1)
             if callback_on_step_end is not None:
-                changed = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                try:
+                    changed = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                except StopDenoising:
+                    break
                 if "latents" in changed:
                     latents = changed["latents"]
                     watch.check(latents, "callback", i + 1)
