@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "LINE-INDEX-SEED.png (image i of a line uses its seed + i; a line without a seed gets one "
                     "derived from --seed and its line number) and equal `sdcore generate PROMPT --seed SEED`; "
                     "DIR/manifest.jsonl gets a line per image. Rerunning makes only the missing images; other "
-                    "settings for the same folder are refused unless --overwrite.")
+                    "settings for the same folder are refused unless --overwrite. --device is the local engine's; Ray "
+                    "workers take one GPU each where the cluster has GPUs, else run on its CPUs.")
     p.add_argument("prompts", metavar="PROMPTS", help="prompts file, .txt or .jsonl")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (made if missing)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",

@@ -98,7 +98,7 @@ def test_batched_calls_stay_within_one_level_and_the_folder_remembers_the_batch_
         assert np.abs(a - b).max() <= 1, name
     capsys.readouterr()
     assert batch(prompts, tmp_path / "one", "--batch-size", "2") == 2
-    assert "batch_size was 1, now 2" in capsys.readouterr().err
+    assert "--batch-size was 1, now 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("line,fragment", [

@@ -182,7 +182,8 @@ def _difference(old: dict, new: dict) -> str | None:
                 for name in new[key]:
                     if old[key].get(name) != new[key][name]:
                         return f"--{name.replace('_', '-')} was {old[key].get(name)!r}, now {new[key][name]!r}"
-            return f"{key} was {old.get(key)!r}, now {new[key]!r}"
+            name = key if key == "device" else "--" + key.replace("_", "-")
+            return f"{name} was {old.get(key)!r}, now {new[key]!r}"
     old_lines, new_lines = old.get("lines", {}), new.get("lines", {})
     for line, request in old_lines.items():
         if line not in new_lines:

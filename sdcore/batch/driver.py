@@ -57,7 +57,7 @@ def run(args, worker_cls=Worker) -> int:
         skipped = len(images) - len(todo)
         groups = prompts.groups(todo, args.batch_size)
         if engine is None:
-            rows = _local_rows(config, groups, worker_cls)
+            rows = local_rows(config, groups, worker_cls)
         else:
             rows = engine.rows(config, groups, args.workers or engine.default_workers(threads), worker_cls)
         made, failures = _collect(folder, {i.name: i for i in todo}, rows, len(todo), args.no_progress)
@@ -97,7 +97,9 @@ def _collect(folder, by_name: dict, rows, total: int, no_progress: bool):
     return made, failures
 
 
-def _local_rows(config, groups, worker_cls):
+def local_rows(config, groups, worker_cls):
+    if not groups:  # nothing to make: no model to load
+        return
     worker = worker_cls(config)
     for group in groups:
         out = worker({"group": [encode_group(group)]})
