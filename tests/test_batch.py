@@ -152,6 +152,11 @@ def test_resume_remakes_only_the_missing_images_and_a_changed_setting_is_refused
     assert "3 made, 3 skipped" in capsys.readouterr().out
     assert files(out) == first and manifest(out) == records  # deterministic: the same bytes again
     assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept  # the others were not rewritten
+    lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (out / "manifest.jsonl").write_text("".join(lines[:-2]) + lines[-2][:40])  # a lost line and a torn one
+    assert batch(prompts, out, "--n", "2") == 0
+    assert "0 made, 6 skipped" in capsys.readouterr().out
+    assert manifest(out) == records  # rebuilt from the images themselves
 
     assert batch(prompts, out, "--n", "2", "--steps", "3") == 2  # FAST says 2 first; the last one wins
     assert "--steps was 2, now 3" in capsys.readouterr().err
