@@ -5,7 +5,8 @@ engine's process, each Ray actor) runs --threads torch threads, so the rows comp
     python bench/batch.py                       # tiny model, 64x64, 4 steps, 48 images per row, CPU
     python bench/batch.py --arch sd15 --size 512x512 --steps 25 --images 64 --device cuda
 
-Each row (the best of --repeat alternating rounds) times the images as they reach the driver, from the moment every worker has finished two images
+Each row (the best of --repeat alternating rounds) times the images as they reach the driver, from the
+moment every worker has finished two images
 (model load, the first call's warm-up and Ray's start are left out) to the last: images/s = the images after
 that point / the time they took. Ray runs on a local Ray started once (num_cpus = this machine's cores);
 on a GPU machine each Ray worker gets one GPU. The files are not written: this measures the engines."""
@@ -69,10 +70,12 @@ def main() -> None:
     results = [(name, workers, n, rate) for (name, workers), (rate, n) in best.items()]
 
     local = results[0][3]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({cores} cores, {args.threads} thread(s) per worker)"
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"cpu ({cores} cores, {args.threads} thread(s) per worker)")
     print(f"# sdcore bench/batch.py  arch={args.arch}  size={args.size}  steps={args.steps}  device={device}  "
           f"torch={torch.__version__}  ray={ray.__version__}")
-    print(f"# best of {args.repeat} rounds; per worker: images/s / (workers x local's images/s); 1 - that is the Ray path's overhead")
+    print(f"# best of {args.repeat} rounds; per worker: images/s / (workers x local's images/s); "
+          "1 - that is the Ray path's overhead")
     print(f"{'engine':<8}{'workers':>8}{'images':>8}{'images/s':>10}{'vs local':>10}{'per worker':>12}")
     for engine_name, workers, n, rate in results:
         print(f"{engine_name:<8}{workers:>8}{n:>8}{rate:>10.2f}{rate / local:>9.2f}x{rate / local / workers:>11.2f}x")
