@@ -2,13 +2,12 @@
 the same images, after start-up (docs/PERF.md, "Batch generation"). On the CPU every worker (the local
 engine's process, each Ray actor) runs --threads torch threads, so the rows compare engines, not thread counts.
 
-    python bench/batch.py                       # tiny model, 64x64, 4 steps, 48 images per row, CPU
+    python bench/batch.py                       # tiny model, 64x64, 4 steps, 48 images per row (64 in docs/PERF.md), CPU
     python bench/batch.py --arch sd15 --size 512x512 --steps 25 --images 64 --device cuda
 
 Each row (the best of --repeat alternating rounds) times the images as they reach the driver, from the
-moment every worker has finished two images
-(model load, the first call's warm-up and Ray's start are left out) to the last: images/s = the images after
-that point / the time they took. Ray runs on a local Ray started once (num_cpus = this machine's cores);
+moment every worker has finished two images (model load, the first call's warm-up and Ray's start are left
+out) to the last: images/s = the images after that point / the time they took. Ray runs on a local Ray started once (num_cpus = this machine's cores);
 on a GPU machine each Ray worker gets one GPU. The files are not written: this measures the engines."""
 from __future__ import annotations
 
