@@ -5,9 +5,9 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # diffusers (+ scipy, which its LMS scheduler imports, and peft, its LoRA backend) is the test oracle;
 # hypothesis draws the property tests; fastapi + uvicorn (the serve extra) and httpx (FastAPI's test client)
-# run the serve tests; wheel: a new venv has none, and the editable install and the
-# packaging tests build wheels.
-TEST_DEPS := pytest hypothesis wheel ninja numpy diffusers scipy peft transformers safetensors pillow tqdm matplotlib fastapi uvicorn httpx
+# run the serve tests; ray[data]: sdcore batch's Ray engine runs on a local Ray in the tests; wheel: a new venv
+# has none, and the editable install and the packaging tests build wheels.
+TEST_DEPS := pytest hypothesis wheel ninja numpy diffusers scipy peft transformers safetensors pillow tqdm matplotlib fastapi uvicorn httpx "ray[data]"
 
 .PHONY: all deps build test demo bench clean
 
@@ -16,7 +16,7 @@ all: build
 # Everything is installed into the active Python environment, and only when missing.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch
-	@$(PYTHON) -c "import pytest, hypothesis, wheel, ninja, numpy, diffusers, scipy, peft, transformers, safetensors, PIL, tqdm, matplotlib, fastapi, uvicorn, httpx" 2>/dev/null || \
+	@$(PYTHON) -c "import pytest, hypothesis, wheel, ninja, numpy, diffusers, scipy, peft, transformers, safetensors, PIL, tqdm, matplotlib, fastapi, uvicorn, httpx, ray, ray.data" 2>/dev/null || \
 		$(PIP) install $(TEST_DEPS)
 
 # ninja rebuilds only what changed; the editable install (no compile) provides the `sdcore` command.

@@ -21,6 +21,8 @@ RANGES = {
     "eta": (0.0, 1.0),
     "clip_skip": (0, 48),          # and fewer than the text encoder's layers
     "batch": (1, 64),
+    "workers": (1, 4096),          # sdcore batch --workers
+    "threads": (1, 1024),          # sdcore batch --threads (CPU intra-op threads per worker)
     "lora_weight": (-10.0, 10.0),  # an adapter's weight (A1111's <lora:name:weight>); negative inverts it
 }
 

@@ -302,6 +302,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from . import batch
+
+    return batch.run(args)
+
+
 def cmd_profile(args) -> int:
     from . import _backend, profile
 
@@ -480,6 +486,50 @@ def build_parser() -> argparse.ArgumentParser:
                         f"with WEIGHT in {ranges.describe(lo, hi)} (default 1.0); repeat for several. The image "
                         "records them as 'Lora hashes' (sha256 of the file, 12 hex digits) and 'Lora weights'")
     p.set_defaults(func=cmd_generate, arch_default="tiny")
+
+    p = sub.add_parser(
+        "batch", parents=[common, device, model],
+        help="many images from a prompts file, on one device or a Ray cluster, resumable",
+        description="Generates every image a prompts file asks for into a folder: a .txt file with one prompt "
+                    "per line, or a .jsonl file with one object per line: prompt, and optionally "
+                    "negative_prompt, seed, n, steps, guidance, size, scheduler, lora, each overriding the "
+                    "option of the same name for that line. The whole file is checked first. Images are named "
+                    "LINE-INDEX-SEED.png (image i of a line uses its seed + i; a line without a seed gets one "
+                    "derived from --seed and its line number) and equal `sdcore generate PROMPT --seed SEED`; "
+                    "DIR/manifest.jsonl gets a line per image. Rerunning makes only the missing images; other "
+                    "settings for the same folder are refused unless --overwrite. --device is the local engine's; Ray "
+                    "workers take one GPU each where the cluster has GPUs, else run on its CPUs.")
+    p.add_argument("prompts", metavar="PROMPTS", help="prompts file, .txt or .jsonl")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (made if missing)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process, one device (default); ray: Ray Data workers, one per GPU")
+    p.add_argument("--address", default=None, help="with --engine ray: join this Ray cluster (default: start a "
+                                                    "local Ray)")
+    p.add_argument("--workers", type=ranges.cli_type("workers"), default=None, metavar="N",
+                   help="with --engine ray: worker processes (default: one per GPU, else one per CPU)")
+    p.add_argument("--batch-size", **_ranged("batch", "images per pipeline call; above 1 the last bits of "
+                                                      "batched math may differ from sdcore generate's", 1))
+    p.add_argument("--threads", type=ranges.cli_type("threads"), default=None, metavar="N",
+                   help="on CPU: torch threads per worker; CPU results depend on it (default: torch's, as "
+                        "sdcore generate; 1 per Ray worker)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", **_ranged("steps", "denoising steps (at most the model's training timesteps)", 25))
+    p.add_argument("--guidance", **_ranged("guidance", "classifier-free guidance scale; <= 1 turns it off", 7.5))
+    p.add_argument("--seed", type=ranges.cli_type("seed"), default=0, metavar="N",
+                   help="the run's seed, from which each line without a seed gets one (default 0)")
+    p.add_argument("--scheduler", choices=list(schedulers.NAMES), default=None,
+                   help="sampler (default: the model's own)")
+    p.add_argument("--n", **_ranged("images", "images per prompt", 1))
+    p.add_argument("--backend", choices=["kernels", "torch", "reference"], default=None,
+                   help="where attention/GroupNorm/steps run (default: kernels when built)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="(default fp32)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the folder over: remake its images, also with other settings (default: refuse)")
+    p.add_argument("--allow-nan", action="store_true", help="write images even if a generation went NaN/Inf")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", type=_lora_arg, metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA/LyCORIS .safetensors file, as in sdcore generate; repeat for several")
+    p.set_defaults(func=cmd_batch, arch_default="tiny")
 
     p = sub.add_parser("lora", help="LoRA/LyCORIS files: inspect")
     lora_sub = p.add_subparsers(dest="lora_command", required=True)
