@@ -505,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: this process, one device (default); ray: Ray Data workers, one per GPU")
     p.add_argument("--address", default=None, help="with --engine ray: join this Ray cluster (default: start a "
                                                     "local Ray)")
+    p.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder that replaces the model's VAE")
     p.add_argument("--workers", type=ranges.cli_type("workers"), default=None, metavar="N",
                    help="with --engine ray: worker processes (default: one per GPU, else one per CPU)")
     p.add_argument("--batch-size", **_ranged("batch", "images per pipeline call; above 1 the last bits of "
