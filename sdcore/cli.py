@@ -145,13 +145,15 @@ def _load_vae(vae: str, device: str, dtype):
     return AutoencoderKL.from_pretrained(vae, device=device, dtype=dtype)
 
 
-def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str | None, vae: str | None = None):
+def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str | None, vae: str | None = None,
+                  vae_tiling: bool = False):
     """A diffusers folder (SD or SDXL), a single checkpoint file, or (no --model) the embedded random-weight
-    default; ``vae``, a VAE folder that replaces the model's (e.g. the fp16-fix SDXL VAE)."""
+    default; ``vae``, a VAE folder that replaces the model's (e.g. the fp16-fix SDXL VAE); ``vae_tiling``:
+    encode and decode tile by tile (pipe.enable_vae_tiling)."""
     from pathlib import Path
 
     from . import embedded
-    from .pipelines import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from .pipelines import StableDiffusionXLPipeline, from_single_file
 
     replacement = _load_vae(vae, device, dtype) if vae else None
     path = Path(model) if model is not None else None
@@ -165,8 +167,8 @@ def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str
             replacement = None
         else:
             pipe = cls.from_pretrained(path, device=device, dtype=dtype, backend=backend)
-    elif path.is_file():
-        pipe = StableDiffusionPipeline.from_single_file(path, device=device, dtype=dtype, backend=backend)
+    elif path.is_file():  # SD 1.x / 2.x or SDXL base / refiner, as its tensors say
+        pipe = from_single_file(path, device=device, dtype=dtype, backend=backend)
     else:
         raise FileNotFoundError(f"--model {model}: no such folder or file")
     if replacement is not None:
@@ -179,6 +181,8 @@ def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str
             pipe._keep_vae_upcast()
     if vae:
         pipe.vae_source = vae
+    if vae_tiling:
+        pipe.enable_vae_tiling()
     return pipe
 
 
@@ -262,7 +266,8 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--out {exc}") from None
     image = _open_init_image(args.init_image) if args.init_image else None
     _check_loras(args.lora or [])
-    pipe = load_pipeline(args.model, args.arch, args.device, _dtype(args.dtype), args.backend, args.vae)
+    pipe = load_pipeline(args.model, args.arch, args.device, _dtype(args.dtype), args.backend, args.vae,
+                         args.vae_tiling)
     xl = isinstance(pipe, StableDiffusionXLPipeline)
     if xl and pipe.requires_aesthetics_score and image is None:
         raise UsageError(f"--model {args.model} is an SDXL refiner (requires_aesthetics_score): it refines an image "
@@ -472,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", metavar="DIR",
                    help="a diffusers AutoencoderKL folder that replaces the model's VAE (e.g. the fp16-fix SDXL "
                         "VAE, which decodes in float16 without NaN)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="encode/decode the image tile by tile with blended seams: bounded memory for large "
+                        "images (e.g. 2048x2048 SDXL), slightly different pixels")
     p.add_argument("--out", default="out.png",
                    help="output image, .png, .jpg/.jpeg or .webp (default out.png; with --n > 1: out-0.png, "
                         "out-1.png, ...)")
@@ -506,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="with --engine ray: join this Ray cluster (default: start a "
                                                     "local Ray)")
     p.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder that replaces the model's VAE")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="encode/decode the image tile by tile with blended seams: bounded memory for large "
+                        "images (e.g. 2048x2048 SDXL), slightly different pixels")
     p.add_argument("--workers", type=ranges.cli_type("workers"), default=None, metavar="N",
                    help="with --engine ray: worker processes (default: one per GPU, else one per CPU)")
     p.add_argument("--batch-size", **_ranged("batch", "images per pipeline call; above 1 the last bits of "

@@ -87,3 +87,21 @@ def test_profile_the_embedded_tiny_xl(tmp_path, capsys):
     first = summary["runs"][0] if "runs" in summary else summary
     text = json.dumps(first)
     assert '"text_encoder"' in text and '"unet"' in text
+
+
+def test_vae_tiling_decodes_tile_by_tile(tmp_path, capsys):
+    """--vae-tiling at 384² on tiny-xl (whose VAE tile is 256 px): the image is what the API makes with
+    pipe.enable_vae_tiling(), and not the untiled one."""
+    from sdcore import embedded
+
+    args = ("--arch", "tiny-xl", "--size", "384x384", "--steps", "1")
+    assert _generate(capsys, *args, "--vae-tiling", "--out", str(tmp_path / "tiled.png"))[0] == 0
+    assert _generate(capsys, *args, "--out", str(tmp_path / "whole.png"))[0] == 0
+    pipe = embedded.build("tiny-xl")
+    pipe.enable_vae_tiling()
+    want = pipe("a red car", height=384, width=384, num_inference_steps=1, seed=4, progress=False).images[0]
+    tiled, whole = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("tiled", "whole"))
+    assert np.array_equal(tiled, np.asarray(want))
+    assert not np.array_equal(tiled, whole)
+    pipe.disable_vae_tiling()
+    assert not pipe.vae.use_tiling

@@ -5,6 +5,7 @@ saved, every key and bitwise every value."""
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,10 +18,11 @@ from diffusers.loaders import single_file_utils as oracle  # noqa: E402
 from test_single_file import _perturbed, _plain, assert_same, clip_to_ldm, unet_to_ldm, vae_to_ldm  # noqa: E402
 
 HEADS = 16  # channels per head: small stand-in for SDXL's 64
-CLIP_L = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=16, hidden_act="quick_gelu", projection_dim=64)
-BIG_G = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-             max_position_embeddings=16, hidden_act="gelu", projection_dim=24)
+# CLIP's real vocabulary and context: the pipeline tests run the bundled tokenizer on these encoders.
+CLIP_L = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64)
+BIG_G = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+             max_position_embeddings=77, hidden_act="gelu", projection_dim=24)
 # SDXL's shapes in small: text_time = pooled (24) + 6 (base) or 5 (refiner) time ids x 8; 1024 px over a 2x VAE.
 BASE_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=2, transformer_layers_per_block=[1, 2, 3],
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -254,3 +256,97 @@ def test_missing_text_encoder_and_stray_tensors_are_named(ckpts):
     with pytest.raises(ValueError, match=r"label_emb\) takes 73 inputs, which is not the pooled text width 24 plus "
                                          r"6 time ids"):
         xl.detect(wide, head_channels=HEADS)
+
+
+# ------------------------------------------------------------------------ whole pipelines
+@pytest.fixture(scope="module")
+def folders(models, tmp_path_factory):
+    """The same models saved by diffusers as SDXL pipeline folders, base and refiner: what the files must equal."""
+    from sdcore import loading
+
+    m, _ = models
+    euler = diffusers.EulerDiscreteScheduler.from_config({k: v for k, v in xl.EULER.items() if k != "_class_name"})
+    root = tmp_path_factory.mktemp("xl_folders")
+    diffusers.StableDiffusionXLPipeline(
+        vae=m["vae"], text_encoder=m["text_encoder"], text_encoder_2=m["text_encoder_2"],
+        tokenizer=loading.default_tokenizer(), tokenizer_2=loading.default_tokenizer(pad_token="!"), unet=m["unet"],
+        scheduler=euler).save_pretrained(root / "base", safe_serialization=True)
+    diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=m["vae"], text_encoder=None, text_encoder_2=m["text_encoder_2"], tokenizer=None,
+        tokenizer_2=loading.default_tokenizer(pad_token="!"), unet=m["refiner_unet"], scheduler=euler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    ).save_pretrained(root / "refiner", safe_serialization=True)
+    return root
+
+
+def test_single_files_make_the_same_images_as_the_diffusers_folders(files, folders):
+    """Base (txt2img, then the hand-off to the refiner in latent space) and refiner, each loaded from its single
+    file and from the diffusers folder: bitwise the same images."""
+    from sdcore.pipelines import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, from_single_file
+
+    base_file = StableDiffusionXLPipeline.from_single_file(files / "base.safetensors", head_channels=HEADS)
+    refiner_file = from_single_file(files / "refiner.safetensors", head_channels=HEADS)
+    assert type(refiner_file) is StableDiffusionXLImg2ImgPipeline and refiner_file.requires_aesthetics_score
+    assert refiner_file.text_encoder is None and base_file.force_zeros_for_empty_prompt
+    assert base_file.tokenizer_2.pad_token == "!" and type(base_file.scheduler).__name__ == "EulerDiscreteScheduler"
+    base_dir = StableDiffusionXLPipeline.from_pretrained(folders / "base")
+    refiner_dir = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders / "refiner")
+    common = dict(num_inference_steps=4, seed=7, progress=False)
+    results = []
+    for base, refiner in ((base_file, refiner_file), (base_dir, refiner_dir)):
+        latents = base("a red cube", negative_prompt="blurry", height=64, width=64, denoising_end=0.5,
+                       output_type="latent", **common).images
+        image = refiner("a red cube", image=latents, denoising_start=0.5, output_type="np", **common).images
+        pictures = base("a blue ball", height=64, width=48, output_type="np", **common).images
+        results.append((latents, image, pictures))
+    for got, want in zip(*results):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert np.asarray(results[0][2]).std() > 0.01  # a picture, not a constant
+
+
+def test_from_single_file_picks_the_pipeline_and_refuses_the_wrong_one(files, ckpts, tmp_path):
+    from sdcore.pipelines import (StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
+                                  StableDiffusionXLPipeline, from_single_file)
+
+    assert type(from_single_file(files / "base.safetensors", head_channels=HEADS)) is StableDiffusionXLPipeline
+    assert type(from_single_file(files / "base.safetensors", img2img=True,
+                                 head_channels=HEADS)) is StableDiffusionXLImg2ImgPipeline
+    with pytest.raises(ValueError, match=r"base\.safetensors: an SDXL checkpoint, not SD 1\.x / 2\.x"):
+        StableDiffusionPipeline.from_single_file(files / "base.safetensors")
+    unet_only = tmp_path / "unet_only.safetensors"
+    safetensors_torch.save_file({k: v for k, v in ckpts["base"].items() if k.startswith("model.")}, str(unet_only))
+    with pytest.raises(ValueError, match=r"unet_only\.safetensors: no text encoder"):
+        from_single_file(unet_only)
+
+
+def test_sdcore_generate_runs_an_sdxl_single_file(models, tmp_path, capsys):
+    """`sdcore generate --model FILE` on an SDXL file: the XL pipeline, picked from the tensors. The CLI reads
+    heads as SDXL has them (64 channels each), so this model's widths are multiples of 64."""
+    from sdcore import cli
+    from sdcore.pipelines import StableDiffusionXLPipeline
+
+    m, _ = models
+    torch.manual_seed(1)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**dict(CLIP_L, num_attention_heads=1)))
+    text_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        **dict(BIG_G, hidden_size=64, num_attention_heads=1)))
+    unet = diffusers.UNet2DConditionModel(**dict(
+        BASE_UNET, block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=[1, 2],
+        attention_head_dim=[1, 2], cross_attention_dim=128))
+    state = {**unet_to_sgm(_perturbed(unet, 6).state_dict(), unet.config),
+             **vae_to_ldm(m["vae"].state_dict(), m["vae"].config),
+             **clip_l_to_sgm(_perturbed(text, 7).state_dict()),
+             **big_g_to_sgm(_perturbed(text_2, 8).state_dict(), xl.BIG_G["sdxl"])}
+    path = tmp_path / "sdxl.safetensors"
+    safetensors_torch.save_file(state, str(path))
+    code = cli.main(["generate", "a red car", "--model", str(path), "--size", "64x64", "--steps", "2", "--seed", "4",
+                     "--no-progress", "--out", str(tmp_path / "x.png")])
+    assert code == 0, capsys.readouterr().err
+    pipe = cli.load_pipeline(str(path), "tiny", "cpu", torch.float32, None)
+    assert type(pipe) is StableDiffusionXLPipeline
+    want = pipe("a red car", height=64, width=64, num_inference_steps=2, seed=4, progress=False).images[0]
+    from PIL import Image
+
+    got = Image.open(tmp_path / "x.png")
+    assert np.array_equal(np.asarray(got), np.asarray(want)) and "CFG scale: 5.0" in got.info["parameters"]

@@ -146,6 +146,14 @@ class DiffusionPipeline:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode, for image to image) images larger than the VAE's tile tile by tile with blended
+        seams, so that a 2048² image decodes within a fixed memory budget (see AutoencoderKL.enable_tiling)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
     def set_scheduler(self, name: str) -> None:
         """Swap the sampler by its CLI name (ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, lms), keeping
         the model's noise schedule and prediction type (from the model's scheduler config, whichever sampler

@@ -54,17 +54,19 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
     @classmethod
     def from_single_file(cls, path, device=None, dtype=None, backend: str | None = None,
-                         prediction_type: str | None = None, use_ema: bool = False, **detect_overrides):
+                         prediction_type: str | None = None, use_ema: bool = False, state: dict | None = None,
+                         **detect_overrides):
         """An original LDM/CompVis checkpoint (.safetensors, or .ckpt read with weights_only=True), SD 1.x or
-        2.x, the model type inferred from its tensors (see sdcore.single_file); the tokenizer is the bundled
+        2.x, the model type inferred from its tensors (see sdcore.loading.single_file); the tokenizer is the bundled
         CLIP BPE. ``use_ema`` takes the model_ema.* UNet of a full training checkpoint instead of the live
-        weights (diffusers' and A1111's default is the live ones). SD 2.x files without a global_step are
+        weights (diffusers' and A1111's default is the live ones); ``state``: the file's tensors when already
+        read. SD 2.x files without a global_step are
         taken as v-prediction: pass ``prediction_type="epsilon"`` for the 512-px base models. What the tensors
         don't say (heads, norm groups) follows SD's configs; ``detect_overrides`` (num_heads, head_channels,
         unet_overrides, vae_overrides, text_overrides) are for checkpoints that differ."""
         from ..loading import single_file
 
-        parts = single_file.load_components(path, prediction_type=prediction_type, use_ema=use_ema,
+        parts = single_file.load_components(path, prediction_type=prediction_type, use_ema=use_ema, state=state,
                                             **detect_overrides)
         unet = loading.build_empty(UNet2DConditionModel, parts["unet_config"])
         loading.load_weights(unet, parts["unet_state"], f"{path} (UNet)")

@@ -17,7 +17,9 @@ import torch
 from .. import loading
 from ..args import check_float, checked
 from ..models import AutoencoderKL, UNet2DConditionModel, load_text_encoder
-from .base import DiffusionPipeline, PipelineOutput, _FiniteWatch, _image_tensor, _prompt_list, _scheduler_from_folder
+from ..models.text_encoder import build_text_encoder
+from .base import (DiffusionPipeline, PipelineOutput, _FiniteWatch, _image_tensor, _prompt_list,
+                   _scheduler_from_config, _scheduler_from_folder)
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -138,6 +140,42 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
                    **options)
         pipe.vae_source = source
         return pipe
+
+    @classmethod
+    def from_single_file(cls, path, device=None, dtype=None, backend: str | None = None,
+                         prediction_type: str = "epsilon", use_ema: bool = False, vae: AutoencoderKL | None = None,
+                         state: dict | None = None, **detect_overrides):
+        """An SDXL base or refiner checkpoint in Stability's original layout (.safetensors, or .ckpt read with
+        weights_only=True; see sdcore.loading.single_file_xl), the kind read from its tensors. The tokenizers
+        are the bundled CLIP BPE (the second pads with "!"), the scheduler Euler as in diffusers. A refiner
+        file (no first text encoder) gets requires_aesthetics_score. ``vae`` replaces the file's VAE;
+        ``state``: the file's tensors when already read; ``detect_overrides``: head_channels and the
+        ``*_overrides`` of single_file_xl.detect, for checkpoints that differ from SDXL's configs."""
+        from ..loading import single_file_xl
+
+        if vae is not None and not isinstance(vae, AutoencoderKL):
+            raise TypeError(f"vae must be an sdcore AutoencoderKL, got {type(vae).__name__}")
+        parts = single_file_xl.load_components(path, prediction_type=prediction_type, use_ema=use_ema,
+                                               state=state, **detect_overrides)
+        unet = loading.build_empty(UNet2DConditionModel, parts["unet_config"])
+        loading.load_weights(unet, parts["unet_state"], f"{path} (UNet)")
+        source = "the vae= replacement"
+        if vae is None:
+            vae = loading.build_empty(AutoencoderKL, parts["vae_config"])
+            loading.load_weights(vae, parts["vae_state"], f"{path} (VAE)")
+            source = f"{path} (VAE)"
+        text_encoder = tokenizer = None
+        if parts["text_state"] is not None:
+            text_encoder = build_text_encoder(parts["text_config"], parts["text_state"],
+                                              source=f"{path} (text encoder)")
+            tokenizer = loading.default_tokenizer()
+        text_encoder_2 = build_text_encoder(parts["text_2_config"], parts["text_2_state"], with_projection=True,
+                                            source=f"{path} (text encoder 2)")
+        scheduler = _scheduler_from_config(parts["scheduler_config"], path)
+        pipe = cls(vae.eval(), text_encoder, text_encoder_2, tokenizer, loading.default_tokenizer(pad_token="!"),
+                   unet.eval(), scheduler, backend=backend, **parts["pipeline_config"])
+        pipe.vae_source = source
+        return pipe.to(device, dtype)
 
     @classmethod
     def from_pipe(cls, pipe: "StableDiffusionXLPipeline"):
