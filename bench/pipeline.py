@@ -30,21 +30,31 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _diffusers_pipeline(pipe):
-    """diffusers' own models with the sdcore pipeline's weights (same parameter names), SDPA attention."""
+    """diffusers' own models with the sdcore pipeline's weights (same parameter names), SDPA attention. Built
+    on the meta device and given sdcore's tensors themselves (assign=True), so the weights are in memory once
+    and the diffusers process's peak RSS is diffusers' own, as sdcore's is."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = diffusers.UNet2DConditionModel(**pipe.unet.config)
-    unet.load_state_dict(pipe.unet.state_dict())
+    def adopt(model, source):
+        model.load_state_dict(source.state_dict(), assign=True)
+        for name, buffer in list(model.named_buffers()):  # non-persistent buffers are in no state dict
+            if buffer.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, source.get_buffer(name).clone())
+        return model.eval()
+
     blocks = len(pipe.vae.config.block_out_channels)
-    vae = diffusers.AutoencoderKL(**pipe.vae.config, down_block_types=("DownEncoderBlock2D",) * blocks,
-                                  up_block_types=("UpDecoderBlock2D",) * blocks)
-    vae.load_state_dict(pipe.vae.state_dict())
-    text = CLIPTextModel._from_config(pipe.text_encoder.config, attn_implementation="sdpa")
-    text.load_state_dict(pipe.text_encoder.state_dict())
-    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
-        text_2 = CLIPTextModelWithProjection._from_config(pipe.text_encoder_2.config, attn_implementation="sdpa")
-        text_2.load_state_dict(pipe.text_encoder_2.state_dict())
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**pipe.unet.config)
+        vae = diffusers.AutoencoderKL(**pipe.vae.config, down_block_types=("DownEncoderBlock2D",) * blocks,
+                                      up_block_types=("UpDecoderBlock2D",) * blocks)
+        text = CLIPTextModel._from_config(pipe.text_encoder.config, attn_implementation="sdpa")
+        text_2 = CLIPTextModelWithProjection._from_config(pipe.text_encoder_2.config, attn_implementation="sdpa") \
+            if getattr(pipe, "text_encoder_2", None) is not None else None
+    unet, vae, text = adopt(unet, pipe.unet), adopt(vae, pipe.vae), adopt(text, pipe.text_encoder)
+    if text_2 is not None:  # SDXL
+        text_2 = adopt(text_2, pipe.text_encoder_2)
         ref = diffusers.StableDiffusionXLPipeline(
             vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=pipe.tokenizer,
             tokenizer_2=pipe.tokenizer_2, unet=unet,
@@ -71,6 +81,8 @@ def worker(args) -> dict:
     impl = args.worker
     backend = "torch" if impl == "diffusers" else impl
     ref = _diffusers_pipeline(pipe) if impl == "diffusers" else None
+    if ref is not None:  # from here on the weights are diffusers' alone
+        pipe.unet = pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None
     unet = ref.unet if ref is not None else pipe.unet
     vae = ref.vae if ref is not None else pipe.vae
     # The end-to-end run reuses the warmed-up UNet and VAE, so it gets a warm-up only on a GPU (where the
@@ -78,7 +90,7 @@ def worker(args) -> dict:
     measure = lambda fn, repeat, warmup=1: timeit(fn, device, repeat, warmup=warmup)  # noqa: E731
     e2e_warmup = 1 if device == "cuda" else 0
     g = torch.Generator().manual_seed(1)
-    cross = pipe.unet.config.cross_attention_dim
+    cross = unet.config.cross_attention_dim
     results = []
     for size in args.sizes:
         lat = size // pipe.vae_scale_factor
@@ -87,8 +99,8 @@ def worker(args) -> dict:
         z = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
         t = torch.tensor(500, device=device)
         added = {}
-        if pipe.unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids
-            cfg = pipe.unet.config
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids
+            cfg = unet.config
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
             added["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g).to(device, dtype),
                                           "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,

@@ -98,15 +98,33 @@ def file_hash(path) -> str:
     return h.hexdigest()
 
 
+def _ldm_names(unet: nn.Module) -> dict[str, list[str]]:
+    """A UNet's modules under their original LDM/SGM names (``input_blocks.4.1.proj_in``, ``middle_block.0.
+    in_layers.2``...), by diffusers name: kohya's SDXL files use those. From the single-file loader's table."""
+    from .loading import ldm
+
+    try:
+        rows = ldm.unet_table(dict(unet.config))
+    except (AttributeError, KeyError, TypeError, ValueError):  # not a UNet the table knows: no aliases
+        return {}
+    names: dict[str, list[str]] = {}
+    for src, dst, _ in rows:
+        if src.endswith(".weight") and dst.endswith(".weight"):
+            names.setdefault(dst[:-len(".weight")], []).append(src[:-len(".weight")])
+    return names
+
+
 def _module_names(model: nn.Module, text: bool) -> dict[str, str]:
     """Every name a file may use for a Linear/Conv2d of ``model`` -> its dotted name: the dotted name itself
     and kohya's form (dots as underscores). A text encoder's names are also known with and without
-    transformers' ``text_model.`` prefix (which CLIPTextModel had before transformers 5)."""
+    transformers' ``text_model.`` prefix (which CLIPTextModel had before transformers 5); a UNet's also by
+    their original LDM/SGM names (SDXL's kohya files)."""
     names = {}
+    ldm_names = {} if text else _ldm_names(model)
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
-        aliases = [name]
+        aliases = [name] + ldm_names.get(name, [])
         if text:
             aliases.append(name[len("text_model."):] if name.startswith("text_model.") else "text_model." + name)
         for alias in aliases:
@@ -178,7 +196,8 @@ class LoraState:
                 raise ValueError(
                     f"{source}: {g.key}: the adapter's update is {_shape(got)} but {g.component}.{module_name}"
                     f".weight is {_shape(want)}; this LoRA was made for another base model (e.g. SD 2.x vs "
-                    "SD 1.x: cross-attention to_k/to_v take 1024 vs 768 text features). Nothing was changed")
+                    "SD 1.x, or SDXL's 2048: cross-attention to_k/to_v take 1024 vs 768 text features). Nothing "
+                    "was changed")
             targets.setdefault((g.component, module_name), []).append(g)
         if unknown:
             shown = ", ".join(sorted(unknown)[:5])
@@ -188,7 +207,7 @@ class LoraState:
             log.warning("%s%s; they are ignored", message, ", ..." if len(unknown) > 5 else "")
         if not targets:
             raise formats.LoraFormatError(f"{source}: no key of this file targets a module of this pipeline; "
-                                          "is it a LoRA for Stable Diffusion 1.x/2.x?")
+                                          "is it a LoRA for Stable Diffusion 1.x/2.x or SDXL?")
         for (component, module_name), gs in targets.items():  # factors live on the weight's device
             device = self.module(pipe, component, module_name).weight.device
             for g in gs:
@@ -341,8 +360,9 @@ def _kind(name: str) -> str:
 
 
 def _reference_names(arch: str) -> dict[str, dict[str, str]]:
-    """Module names of the embedded ``arch`` (sd15 / sd21), built on the meta device (no memory, instant)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Module names of the embedded ``arch`` (sd15 / sd21 / sdxl), built on the meta device (no memory,
+    instant)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from . import embedded, loading
     from .models import UNet2DConditionModel
@@ -350,8 +370,12 @@ def _reference_names(arch: str) -> dict[str, dict[str, str]]:
     cfg = embedded.CONFIGS[arch]
     unet = loading.build_empty(UNet2DConditionModel, cfg["unet"])
     with torch.device("meta"):
-        text = CLIPTextModel(CLIPTextConfig(**cfg["text"]))
-    return {"unet": _module_names(unet, text=False), "text_encoder": _module_names(text, text=True)}
+        names = {"unet": _module_names(unet, text=False),
+                 "text_encoder": _module_names(CLIPTextModel(CLIPTextConfig(**cfg["text"])), text=True)}
+        if "text_2" in cfg:
+            names["text_encoder_2"] = _module_names(
+                CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])), text=True)
+    return names
 
 
 def inspect(path) -> dict:
@@ -371,9 +395,12 @@ def inspect(path) -> dict:
             widths.setdefault("cross-attention", set()).add(shape[1])
         elif g.component == "text_encoder" and name.endswith(("q.proj", "q_proj")):
             widths.setdefault("text encoder", set()).add(shape[1])
-    guesses = {_BASES.get(w, f"unknown ({w})") for ws in widths.values() for w in ws}
+    xl = any(g.component == "text_encoder_2" for g in groups) or 2048 in widths.get("cross-attention", ())
+    if xl:  # SDXL's first text encoder has SD 1.x's width: that is no evidence of SD 1.x
+        widths.pop("text encoder", None)
+    guesses = {_BASES.get(w, f"unknown ({w})") for ws in widths.values() for w in ws} or ({"SDXL"} if xl else set())
     base = ", ".join(sorted(guesses)) if guesses else "unknown (no cross-attention or text-encoder attention targeted)"
-    arch = "sd21" if guesses == {"SD 2.x"} else "sd15"
+    arch = {frozenset({"SD 2.x"}): "sd21", frozenset({"SDXL"}): "sdxl"}.get(frozenset(guesses), "sd15")
     names = _reference_names(arch)
     targets: dict[str, dict[str, int]] = {}
     for g in groups:

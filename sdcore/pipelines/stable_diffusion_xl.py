@@ -186,10 +186,6 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
         new.vae_source = pipe.vae_source
         return new
 
-    def load_lora_weights(self, *args, **kwargs):
-        raise NotImplementedError("LoRA on SDXL pipelines is not supported yet (SDXL's LoRA files target "
-                                  "text_encoder_2 and the XL UNet's layout); only SD 1.x/2.x pipelines take LoRAs")
-
     # ------------------------------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str], prompts_2: list[str], clip_skip: int | None):
         """[B, 77, sum of widths] hidden states (each encoder's layer -(clip_skip + 2), the penultimate by
@@ -302,7 +298,7 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != count:
             raise ValueError(f"generator: {len(generator)} generators for {count} images")
         watch = _FiniteWatch(not allow_nan, num_inference_steps)
-        with self._backend_scope():
+        with self._backend_scope(), self._adapters().lock.shared():  # no adapter switch mid-generation
             embeds, added, count = self._conditioning_xl(
                 prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, guidance_scale,
                 clip_skip, time_ids, negative_time_ids, watch)
@@ -373,7 +369,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             negative_crops_coords_top_left if self.requires_aesthetics_score else crops_coords_top_left,
             negative_target_size or target_size, negative_aesthetic_score)
         watch = _FiniteWatch(not allow_nan, num_inference_steps)
-        with self._backend_scope():
+        with self._backend_scope(), self._adapters().lock.shared():  # no adapter switch mid-generation
             embeds, added, count = self._conditioning_xl(
                 prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, guidance_scale,
                 clip_skip, time_ids, negative_time_ids, watch)
