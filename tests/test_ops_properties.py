@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 
-from sdcore import StepCoefficients, ops, reference, schedulers, use_backend
+from sdcore import StepCoefficients, _backend, ops, reference, schedulers, use_backend
 
 from conftest import check_precision, check_special, devices, rel_error
 
@@ -124,7 +124,9 @@ def test_attention_matches_reference(device, data):
     assume(not special or largest <= 8)
 
     out = ops.attention(q, k, v, causal=causal, scale=scale)
-    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device and out.is_contiguous()
+    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+    # the [B, N, H, D] memory the out-projection reads (sdcore.ops.attention's layout contract)
+    assert out.transpose(1, 2).is_contiguous() if _backend.get_backend() == "kernels" else out.is_contiguous()
     ref = reference.attention(_dbl(q), _dbl(k), _dbl(v), causal=causal, scale=scale)
     # SDPA is only the error yardstick: dense copies (its efficient kernel faults on some views on CUDA).
     torch_out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), is_causal=causal,
