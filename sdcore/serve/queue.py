@@ -139,12 +139,17 @@ class JobQueue:
                 if not job.future.set_running_or_notify_cancel():
                     continue
                 start = job.started = time.monotonic()
+                result = error = None
                 try:
                     result = job.run(job)
                 except BaseException as exc:  # handed to the waiting request, which answers for it
-                    job.future.set_exception(exc)
+                    error = exc
+                self._seconds = 0.7 * self._seconds + 0.3 * (time.monotonic() - start)
+                # Off /progress before the answer goes out: a client that has its images sees no job running.
+                self.current = None
+                if error is not None:
+                    job.future.set_exception(error)
                 else:
                     job.future.set_result(result)
-                self._seconds = 0.7 * self._seconds + 0.3 * (time.monotonic() - start)
             finally:
                 self.current = None
