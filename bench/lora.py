@@ -1,10 +1,11 @@
-"""LoRA switch benchmark: how long it takes to swap adapters on an SD 1.5-size UNet + text encoder.
+"""LoRA switch benchmark: how long it takes to swap adapters on an SD 1.5- or SDXL-size UNet + text encoder(s).
 
     python bench/lora.py --device cpu                 # ranks 4,16,32,64 (docs/PERF.md, "LoRA switch, CPU")
+    python bench/lora.py --device cpu --arch sdxl --ranks 32
     python bench/lora.py --device cuda --dtype fp16
 
-The model is sdcore's embedded ``sd15`` architecture with random weights. For each rank a kohya-format LoRA
-(fp16 factors, as trained LoRAs are shipped) on every attention projection of the UNet and text encoder and
+The model is sdcore's embedded ``sd15`` (or ``sdxl``) architecture with random weights. For each rank a kohya-format LoRA
+(fp16 factors, as trained LoRAs are shipped) on every attention projection of the UNet and text encoder(s) and
 every UNet conv (resnets, shortcuts, down/upsamplers, proj_in/out, conv_in/out) is written to a temp dir and
 read once, so later loads come from the page cache. Reported, median of --repeat:
   load     load_lora_weights(file): read, map every key, check every shape, merge (W0 kept)
@@ -38,8 +39,12 @@ def lora_file(pipe, rank: int, path: Path, seed: int) -> int:
 
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for prefix, model in (("lora_unet_", pipe.unet), ("lora_te_text_model_", pipe.text_encoder)):
+    xl = getattr(pipe, "text_encoder_2", None) is not None  # kohya: SDXL's encoders are te1/te2, SD's te
+    parts = [("lora_unet_", pipe.unet), ("lora_te1_text_model_" if xl else "lora_te_text_model_", pipe.text_encoder),
+             ("lora_te2_text_model_", pipe.text_encoder_2 if xl else None)]
+    for prefix, model in ((p, m) for p, m in parts if m is not None):
         for name, m in model.named_modules():
+            name = name.removeprefix("text_model.")
             conv = isinstance(m, torch.nn.Conv2d)
             if not (conv or (isinstance(m, torch.nn.Linear) and name.endswith(ATTN))):
                 continue
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     parser.add_argument("--ranks", default="4,16,32,64")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--step", action="store_true", help="also time a UNet call without / with an adapter")
@@ -82,8 +88,8 @@ def main(argv=None) -> int:
     device, dtype = args.device, DTYPES[args.dtype]
 
     t = time.perf_counter()
-    pipe = embedded.build("sd15", device=device, dtype=dtype)
-    print(f"sd15 (random weights) on {device} {args.dtype}: built in {time.perf_counter() - t:.1f} s; "
+    pipe = embedded.build(args.arch, device=device, dtype=dtype)
+    print(f"{args.arch} (random weights) on {device} {args.dtype}: built in {time.perf_counter() - t:.1f} s; "
           f"{torch.get_num_threads()} threads", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,11 +123,18 @@ def main(argv=None) -> int:
         step = None
         if args.step:
             latents = torch.randn(2, 4, 32, 32, device=device, dtype=dtype)
-            text = torch.randn(2, 77, 768, device=device, dtype=dtype)
+            cfg = pipe.unet.config
+            text = torch.randn(2, 77, cfg.cross_attention_dim, device=device, dtype=dtype)
             t_ = torch.tensor([500.0] * 2, device=device)
+            added = {}
+            if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids
+                pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+                added["added_cond_kwargs"] = {
+                    "text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
+                    "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2, device=device, dtype=dtype)}
             path = Path(tmp) / f"a{rows[-1][0]}.safetensors"
             with torch.no_grad():
-                call = lambda: pipe.unet(latents, t_, text)  # noqa: E731
+                call = lambda: pipe.unet(latents, t_, text, **added)  # noqa: E731
                 call()
                 without, with_lora = [], []
                 for _ in range(args.repeat):  # interleaved, so machine noise hits both alike
@@ -132,7 +145,7 @@ def main(argv=None) -> int:
             without, with_lora = statistics.median(without), statistics.median(with_lora)
             step = (without, with_lora)
 
-    print(f"\nLoRA on all attention + conv layers of SD 1.5 (UNet + text encoder), {device} {args.dtype}, "
+    print(f"\nLoRA on all attention + conv layers of {args.arch} (UNet + text encoders), {device} {args.dtype}, "
           f"median of {args.repeat}")
     print(f"{'rank':>5} {'file MB':>8} {'modules':>8} {'load s':>8} {'unload s':>9} {'switch s':>9} {'reweight s':>11}")
     for rank, mb, modules, load, unload, switch_s, reweight in rows:

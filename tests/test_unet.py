@@ -232,3 +232,52 @@ def test_sd15_size_kernels_match_reference(sd15):
             got = sd15(x, torch.tensor(981), context)
     assert got.shape == x.shape and want.std() > 0.1
     assert _rel(got, want) <= 1e-4
+
+
+def _gemms(module, *args) -> int:
+    """How many matrix products ``module(*args)`` runs (aten mm / addmm / bmm, however F.linear lowers)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in products
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        module(*args)
+    return Count.n
+
+
+def test_attention_projections_are_one_fused_gemm(saved):
+    """q, k, v (self-attention) and k, v (cross-attention) are one GEMM each over views of one fused weight;
+    the parameters keep diffusers' names and stay those views through loading, .to(), and in-place changes."""
+    unet = UNet2DConditionModel.from_pretrained(saved[2])
+    block = next(b for b in unet.down_blocks if getattr(b, "attentions", None)).attentions[0].transformer_blocks[0]
+    attn1, attn2 = block.attn1, block.attn2
+    for attn, group in ((attn1, ("to_q", "to_k", "to_v")), (attn2, ("to_k", "to_v"))):
+        rows = attn.to_q.weight.shape[0]
+        for i, name in enumerate(group):
+            w = getattr(attn, name).weight
+            assert w.data_ptr() == attn.fused.data_ptr() + i * w.numel() * w.element_size(), name
+            assert torch.equal(attn.fused[i * rows:(i + 1) * rows], w)
+    assert "fused" not in "".join(unet.state_dict()) and any(k.endswith("attn1.to_q.weight") for k in unet.state_dict())
+    x = torch.randn(2, 16, attn1.to_q.weight.shape[1])
+    text = torch.randn(2, 7, attn2.to_k.weight.shape[1])
+    assert _gemms(attn1, x) == 2 and _gemms(attn2, x, text) == 3  # (q,k,v) + out; q + (k,v) + out
+
+    before = attn1(x)
+    with torch.no_grad():  # an in-place change of a parameter (what a LoRA merge does) is the fused weight's
+        attn1.to_k.weight.mul_(2.0)
+    assert torch.equal(attn1.fused[attn1.to_q.weight.shape[0]:][:attn1.to_k.weight.shape[0]], attn1.to_k.weight)
+    assert not torch.equal(attn1(x), before)
+
+    ptr = attn1.fused.data_ptr()
+    unet.to(torch.float32)  # a .to() that changes nothing keeps every storage (captured graphs stay valid)
+    assert attn1.fused.data_ptr() == ptr
+    unet.to(torch.float64)
+    assert attn1.fused.dtype == torch.float64 and attn1.to_v.weight.dtype == torch.float64
+    assert attn1.to_v.weight.data_ptr() == attn1.fused.data_ptr() + 2 * attn1.to_v.weight.numel() * 8

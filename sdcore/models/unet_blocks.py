@@ -11,20 +11,63 @@ from .layers import Downsample, GroupNorm, ResnetBlock, Upsample
 
 class Attention(nn.Module):
     """Multi-head attention of image tokens over ``context`` (cross-attention to the text) or over themselves.
-    ``upcast`` (SD 2.x) runs the attention in float32 for half-precision inputs, where its logits overflow."""
+    ``upcast`` (SD 2.x) runs the attention in float32 for half-precision inputs, where its logits overflow.
+
+    The projections that read the same input are one GEMM: q, k and v in self-attention, k and v in
+    cross-attention. Their weights are row blocks of one tensor (the non-persistent buffer ``fused``), and
+    ``to_q.weight`` & co. are views of those blocks, so the parameters and state-dict names are diffusers'
+    and an in-place change of a parameter (loading, a LoRA merge) is a change of the fused weight: nothing to
+    keep in sync, and captured CUDA graphs stay valid. q, k and v are then strided views of the GEMM's
+    output, which the attention op reads as they are."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, upcast: bool = False):
         super().__init__()
         self.heads, self.upcast = heads, upcast
+        self.is_self = context_dim is None
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.register_buffer("fused", None, persistent=False)
+        self._fuse()
+        # A load with assign=True (a model built on the meta device) replaces the parameters: fuse them again.
+        self.register_load_state_dict_post_hook(lambda module, _: module._fuse())
+
+    def _group(self) -> list[nn.Parameter]:
+        return [m.weight for m in ((self.to_q, self.to_k, self.to_v) if self.is_self else (self.to_k, self.to_v))]
+
+    def _fuse(self) -> None:
+        """Make the grouped weights views of consecutive row blocks of ``fused`` (a no-op when they already
+        are, so that a ``.to()`` that changes nothing keeps every weight's storage)."""
+        weights = self._group()
+        fused = self.fused
+        if fused is not None and not fused.is_meta and all(
+                w.dtype == fused.dtype and w.device == fused.device and w.is_contiguous()
+                and w.data_ptr() == fused.data_ptr() + i * w.numel() * w.element_size()
+                for i, w in enumerate(weights)):
+            return
+        fused = torch.cat([w.detach() for w in weights])
+        rows = weights[0].shape[0]
+        for i, w in enumerate(weights):
+            w.data = fused[i * rows:(i + 1) * rows]
+        self.fused = fused
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # converts each parameter (and the buffer) on its own
+        self._fuse()
+        return self
 
     def forward(self, x, context=None):
-        context = x if context is None else context
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, N, H*D] -> [B, H, N, D]
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        h = self.heads
+        if context is None and self.is_self:  # [B, N, 3*H*D] -> q, k, v [B, H, N, D], strided views
+            q, k, v = F.linear(x, self.fused).unflatten(-1, (3, h, -1)).permute(2, 0, 3, 1, 4)
+        elif self.is_self:  # self-attention's weights over another context (the UNet never asks this)
+            q, k, v = (t.unflatten(-1, (h, -1)).transpose(1, 2)
+                       for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        else:  # cross-attention: k, v in one GEMM over the context
+            q = self.to_q(x).unflatten(-1, (h, -1)).transpose(1, 2)
+            kv = F.linear(x if context is None else context, self.fused)
+            k, v = kv.unflatten(-1, (2, h, -1)).permute(2, 0, 3, 1, 4)
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             out = ops.attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
