@@ -146,10 +146,11 @@ def _load_vae(vae: str, device: str, dtype):
 
 
 def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str | None, vae: str | None = None,
-                  vae_tiling: bool = False):
+                  vae_tiling: bool = False, cuda_graphs: bool = True):
     """A diffusers folder (SD or SDXL), a single checkpoint file, or (no --model) the embedded random-weight
     default; ``vae``, a VAE folder that replaces the model's (e.g. the fp16-fix SDXL VAE); ``vae_tiling``:
-    encode and decode tile by tile (pipe.enable_vae_tiling)."""
+    encode and decode tile by tile (pipe.enable_vae_tiling); ``cuda_graphs``: the pipeline's (on CUDA, the
+    UNet call is captured and replayed)."""
     from pathlib import Path
 
     from . import embedded
@@ -183,6 +184,7 @@ def load_pipeline(model: str | None, arch: str, device: str, dtype, backend: str
         pipe.vae_source = vae
     if vae_tiling:
         pipe.enable_vae_tiling()
+    pipe.cuda_graphs = cuda_graphs
     return pipe
 
 
@@ -267,7 +269,7 @@ def cmd_generate(args) -> int:
     image = _open_init_image(args.init_image) if args.init_image else None
     _check_loras(args.lora or [])
     pipe = load_pipeline(args.model, args.arch, args.device, _dtype(args.dtype), args.backend, args.vae,
-                         args.vae_tiling)
+                         args.vae_tiling, not args.no_cuda_graphs)
     xl = isinstance(pipe, StableDiffusionXLPipeline)
     if xl and pipe.requires_aesthetics_score and image is None:
         raise UsageError(f"--model {args.model} is an SDXL refiner (requires_aesthetics_score): it refines an image "
@@ -364,7 +366,8 @@ def cmd_serve(args) -> int:
         server.parse_credentials(args.api_auth)  # a malformed one is a usage error, before the model loads
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     engine = runner.Engine(model=args.model, arch=args.arch, models_dir=args.models_dir, lora_dir=args.lora_dir,
-                           device=args.device, dtype=_dtype(dtype), backend=args.backend, outdir=args.outdir)
+                           device=args.device, dtype=_dtype(dtype), backend=args.backend, outdir=args.outdir,
+                           cuda_graphs=not args.no_cuda_graphs)
     engine.ensure(engine.options["sd_model_checkpoint"])  # a model that can't load stops here, not at a request
     limits = requests.Limits(max_steps=args.max_steps, max_side=args.max_side,
                              max_batch_pixels=args.max_batch_pixels)
@@ -477,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", metavar="DIR",
                    help="a diffusers AutoencoderKL folder that replaces the model's VAE (e.g. the fp16-fix SDXL "
                         "VAE, which decodes in float16 without NaN)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the UNet eagerly instead of capturing it into a CUDA graph per image size "
+                        "and replaying it (default: graphs; same pixels, fewer launches)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="encode/decode the image tile by tile with blended seams: bounded memory for large "
                         "images (e.g. 2048x2048 SDXL), slightly different pixels")
@@ -514,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="with --engine ray: join this Ray cluster (default: start a "
                                                     "local Ray)")
     p.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder that replaces the model's VAE")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the UNet eagerly instead of capturing it into a CUDA graph per image size "
+                        "and replaying it (default: graphs; same pixels, fewer launches)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="encode/decode the image tile by tile with blended seams: bounded memory for large "
                         "images (e.g. 2048x2048 SDXL), slightly different pixels")
@@ -612,6 +621,8 @@ example: sdcore profile --arch sd15 --size 256x256 --steps 2 --compare kernels,t
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp32 on cpu, fp16 on cuda")
     p.add_argument("--backend", choices=["kernels", "torch", "reference"], default=None,
                    help="where attention/GroupNorm/steps run (default: kernels when built)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the UNet eagerly instead of replaying a CUDA graph per image size")
     p.add_argument("--outdir", metavar="DIR", help="where requests with save_images write their PNGs (default: "
                                                    "none; save_images is refused)")
     p.add_argument("--max-steps", type=_int_in("max-steps", 1, 1000), default=150, metavar="N",

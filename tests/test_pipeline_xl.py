@@ -264,8 +264,6 @@ def test_refiner_bad_input_is_named(saved):
         refiner(PROMPT, image=_latents(), denoising_start=0.8, denoising_end=0.5, progress=False)
     with pytest.raises(ValueError, match=r"denoising_start 0.9999 with 2 steps leaves no step to run"):
         refiner(PROMPT, image=_latents(), denoising_start=0.9999, num_inference_steps=2, progress=False)
-    with pytest.raises(NotImplementedError, match="LoRA on SDXL"):
-        refiner.load_lora_weights("x.safetensors")
 
 
 def test_each_image_of_a_batch_is_the_image_made_alone(saved):

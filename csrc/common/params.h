@@ -40,6 +40,10 @@ struct GroupNormParams {
   bool silu;
   bool channels_last;
   DType dtype;
+  // Device scratch of the CUDA split path (cuda::group_norm_workspace_bytes), allocated by the caller from
+  // PyTorch's caching allocator: the kernels never allocate, so a call can be captured in a CUDA graph.
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
 
 constexpr int kMaxStepHistory = 4;

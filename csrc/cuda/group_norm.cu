@@ -21,8 +21,8 @@
 //    (NCHW: a contiguous slice of the group; channels_last: a tile of pixels x all C channels, read
 //    contiguously), a finalize kernel merges each group's partials and writes per-(b, c) coefficients, and
 //    an apply kernel writes y (+ SiLU). Both walk the tensor so that the apply pass starts where the stats
-//    pass ended (its first reads hit L2). The workspace comes from cudaMallocAsync on the stream (stream
-//    ordered, so concurrent streams and graph capture are safe).
+//    pass ended (its first reads hit L2). The caller passes the workspace (group_norm_workspace_bytes; the
+//    torch glue takes it from PyTorch's caching allocator): no allocation or sync here, so graph capture works.
 // All paths use 16-byte (or the widest aligned) vector accesses where the shape and pointers allow.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
@@ -633,7 +633,6 @@ struct DeviceInfo {
   int sms = 1;
   int cc_major = 0;
   int smem_optin = 48 * 1024;
-  int mempools = 0;
 };
 
 cudaError_t device_info(DeviceInfo& d) {
@@ -642,7 +641,6 @@ cudaError_t device_info(DeviceInfo& d) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.mempools, cudaDevAttrMemoryPoolsSupported, dev);
   return err;
 }
 
@@ -756,22 +754,31 @@ inline TileShape tile_shape(int64_t C, int vec) {
   return t;
 }
 
+// The split path's configuration: how the stats pass cuts each group (KT partials per group), the apply
+// pass's tiling, and the workspace they need. Pure host arithmetic, shared by the launch and by
+// group_norm_workspace_bytes (the caller allocates what this says).
+struct SplitPlan {
+  bool use_tile = false;
+  int vec_s = 1, vec_a = 1;
+  TileShape ts{0, 0}, ta{0, 0};
+  int64_t KT = 0, L = 0, R = 0, P = 0, tile_smem = 0;
+  int64_t apply_tile = 0, Pa = 0, KTa = 0, apply_blocks = 0;
+  size_t part_bytes = 0, coef_bytes = 0, ws_bytes = 0;
+};
+
 template <typename T>
-cudaError_t run_split(const GroupNormParams& p, const DeviceInfo& d, cudaStream_t stream) {
+cudaError_t plan_split(const GroupNormParams& p, SplitPlan& s) {
   constexpr int esz = static_cast<int>(sizeof(T));
   const int64_t B = p.batch, C = p.channels, HW = p.hw, G = p.groups;
   const int64_t cpg = C / G, N = cpg * HW, NG = B * G;
-  const T* x = static_cast<const T*>(p.x);
-  T* y = static_cast<T*>(p.y);
   const uintptr_t ax = reinterpret_cast<uintptr_t>(p.x);
   const uintptr_t axy = ax | reinterpret_cast<uintptr_t>(p.y);
   const bool cl = p.channels_last;
-
+  bool& use_tile = s.use_tile;
+  int& vec_s = s.vec_s;
+  TileShape& ts = s.ts;
+  int64_t &KT = s.KT, &L = s.L, &R = s.R, &P = s.P, &tile_smem = s.tile_smem;
   // Stats configuration (it decides the number of partials per group, KT).
-  bool use_tile = false;
-  int vec_s = 1;
-  TileShape ts{0, 0};
-  int64_t KT = 0, L = 0, R = 0, P = 0, tile_smem = 0;
   if (cl) {
     vec_s = pick_vec(C, ax, esz);
     ts = tile_shape(C, vec_s);
@@ -799,21 +806,39 @@ cudaError_t run_split(const GroupNormParams& p, const DeviceInfo& d, cudaStream_
   if (NG > INT_MAX || NG * KT > INT_MAX) return cudaErrorInvalidValue;
 
   // Apply configuration.
-  const int vec_a = cl ? pick_vec(C, axy, esz) : pick_vec(C * HW, axy, esz);
-  const TileShape ta = tile_shape(C, vec_a);
-  const int64_t apply_tile = static_cast<int64_t>(kSplitThreads) * vec_a * kUnroll;  // NCHW
-  const int64_t Pa = std::max<int64_t>(1, kApplyTileBytes / (C * esz));             // channels_last
-  const int64_t KTa = ceil_div(HW, Pa);
-  const int64_t apply_blocks = cl ? B * KTa : ceil_div(C * HW, apply_tile);
-  if (apply_blocks > INT_MAX) return cudaErrorInvalidValue;
+  s.vec_a = cl ? pick_vec(C, axy, esz) : pick_vec(C * HW, axy, esz);
+  s.ta = tile_shape(C, s.vec_a);
+  s.apply_tile = static_cast<int64_t>(kSplitThreads) * s.vec_a * kUnroll;  // NCHW
+  s.Pa = std::max<int64_t>(1, kApplyTileBytes / (C * esz));               // channels_last
+  s.KTa = ceil_div(HW, s.Pa);
+  s.apply_blocks = cl ? B * s.KTa : ceil_div(C * HW, s.apply_tile);
+  if (s.apply_blocks > INT_MAX) return cudaErrorInvalidValue;
 
   // Workspace: partials, then mhi, scale, shift.
-  const size_t part_bytes = static_cast<size_t>(round_up(NG * KT * static_cast<int64_t>(sizeof(Partial)), 256));
-  const size_t coef_bytes = static_cast<size_t>(round_up(B * C * static_cast<int64_t>(sizeof(float)), 256));
-  const size_t ws_bytes = part_bytes + 3 * coef_bytes;
-  void* ws = nullptr;
-  cudaError_t err = d.mempools ? cudaMallocAsync(&ws, ws_bytes, stream) : cudaMalloc(&ws, ws_bytes);
+  s.part_bytes = static_cast<size_t>(round_up(NG * KT * static_cast<int64_t>(sizeof(Partial)), 256));
+  s.coef_bytes = static_cast<size_t>(round_up(B * C * static_cast<int64_t>(sizeof(float)), 256));
+  s.ws_bytes = s.part_bytes + 3 * s.coef_bytes;
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t run_split(const GroupNormParams& p, cudaStream_t stream) {
+  const int64_t B = p.batch, C = p.channels, HW = p.hw, G = p.groups;
+  const int64_t cpg = C / G, N = cpg * HW, NG = B * G;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const bool cl = p.channels_last;
+  SplitPlan s;
+  cudaError_t err = plan_split<T>(p, s);
   if (err != cudaSuccess) return err;
+  if (p.workspace == nullptr || p.workspace_bytes < static_cast<int64_t>(s.ws_bytes)) return cudaErrorInvalidValue;
+  const bool use_tile = s.use_tile;
+  const int vec_s = s.vec_s, vec_a = s.vec_a;
+  const TileShape ts = s.ts, ta = s.ta;
+  const int64_t KT = s.KT, L = s.L, R = s.R, P = s.P, tile_smem = s.tile_smem;
+  const int64_t apply_tile = s.apply_tile, Pa = s.Pa, KTa = s.KTa, apply_blocks = s.apply_blocks;
+  const size_t part_bytes = s.part_bytes, coef_bytes = s.coef_bytes;
+  void* ws = p.workspace;
   Partial* part = static_cast<Partial*>(ws);
   float* mhi = reinterpret_cast<float*>(static_cast<char*>(ws) + part_bytes);
   float* scale = reinterpret_cast<float*>(static_cast<char*>(ws) + part_bytes + coef_bytes);
@@ -917,16 +942,7 @@ cudaError_t run_split(const GroupNormParams& p, const DeviceInfo& d, cudaStream_
       });
     }
   }
-
-  cudaError_t free_err;
-  if (d.mempools) {
-    free_err = cudaFreeAsync(ws, stream);
-  } else {
-    free_err = cudaStreamSynchronize(stream);
-    const cudaError_t e2 = cudaFree(ws);
-    if (free_err == cudaSuccess) free_err = e2;
-  }
-  return err != cudaSuccess ? err : free_err;
+  return err;
 }
 
 template <typename T>
@@ -936,10 +952,22 @@ cudaError_t group_norm_typed(const GroupNormParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   err = try_fused<T>(p, d, stream);
   if (err != cudaErrorNotSupported) return err;
-  return run_split<T>(p, d, stream);
+  return run_split<T>(p, stream);
 }
 
 }  // namespace
+
+int64_t group_norm_workspace_bytes(const GroupNormParams& p) {
+  if (p.batch <= 0 || p.channels <= 0 || p.hw <= 0 || p.groups <= 0 || p.channels % p.groups != 0) return 0;
+  SplitPlan s;
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat32: err = plan_split<float>(p, s); break;
+    case DType::kFloat16: err = plan_split<__half>(p, s); break;
+    case DType::kBFloat16: err = plan_split<__nv_bfloat16>(p, s); break;
+  }
+  return err == cudaSuccess ? static_cast<int64_t>(s.ws_bytes) : 0;  // a bad shape fails in group_norm itself
+}
 
 cudaError_t group_norm(const GroupNormParams& p, cudaStream_t stream) {
   if (p.batch <= 0 || p.channels <= 0 || p.hw <= 0) return cudaSuccess;  // empty: nothing to do

@@ -26,6 +26,14 @@ at::Tensor group_norm_cuda(const at::Tensor& x, int64_t num_groups, const std::o
                            const std::optional<at::Tensor>& bias, double eps, bool silu) {
   c10::cuda::CUDAGuard guard(x.device());
   GroupNormCall c = prepare_group_norm(x, num_groups, weight, bias, eps, silu);
+  // Scratch from the caching allocator (stream-ordered, a graph's private pool under capture), not cudaMalloc.
+  at::Tensor workspace;
+  const int64_t bytes = cuda::group_norm_workspace_bytes(c.p);
+  if (bytes > 0) {
+    workspace = at::empty({bytes}, x.options().dtype(at::kByte));
+    c.p.workspace = workspace.data_ptr();
+    c.p.workspace_bytes = bytes;
+  }
   C10_CUDA_CHECK(cuda::group_norm(c.p, stream_for(x)));
   return c.y;
 }

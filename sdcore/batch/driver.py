@@ -47,8 +47,11 @@ def run(args, worker_cls=Worker) -> int:
         threads = args.threads or (1 if engine else torch.get_num_threads()) if device == "cpu" else None
         config = {"model": args.model, "arch": None if args.model else args.arch, "dtype": args.dtype,
                   "backend": args.backend or sdcore.get_backend(), "device": device, "threads": threads,
-                  "vae": args.vae, "vae_tiling": args.vae_tiling, "allow_nan": args.allow_nan}
-        settings = {**{k: v for k, v in config.items() if k != "allow_nan"}, "batch_size": args.batch_size,
+                  "vae": args.vae, "vae_tiling": args.vae_tiling, "allow_nan": args.allow_nan,
+                  "cuda_graphs": not args.no_cuda_graphs}
+        # allow_nan and cuda_graphs don't change the pixels: a resumed run may differ in them
+        settings = {**{k: v for k, v in config.items() if k not in ("allow_nan", "cuda_graphs")},
+                    "batch_size": args.batch_size,
                     "seed": args.seed, "defaults": defaults,
                     "lines": {str(r["line"]): {k: v for k, v in r.items() if k != "line"} for r in requests}}
         folder = store.Folder(args.out, settings, images, args.overwrite)

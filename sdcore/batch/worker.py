@@ -32,7 +32,8 @@ class Worker:
             torch.set_num_threads(config["threads"])  # CPU results depend on the thread count: pin it
         self.pipe = cli.load_pipeline(config["model"], config["arch"], config["device"],
                                       cli._dtype(config["dtype"]), config["backend"], vae=config.get("vae"),
-                                      vae_tiling=config.get("vae_tiling", False))
+                                      vae_tiling=config.get("vae_tiling", False),
+                                      cuda_graphs=config.get("cuda_graphs", True))
         self.model_scheduler = self.pipe.scheduler  # the model's own, for groups without --scheduler
         self.adapters: dict[str, str] = {}  # LoRA path -> adapter name
 

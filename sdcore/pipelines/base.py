@@ -123,8 +123,12 @@ class DiffusionPipeline:
     # the attributes holding models, moved together by ``to``
     _models = ("unet", "vae", "text_encoder")
 
-    def _setup(self, backend: str | None) -> None:
+    def _setup(self, backend: str | None, cuda_graphs: bool = True) -> None:
         self.backend = _backend._check(backend) if backend is not None else None
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        # On CUDA, the UNet call is captured into a CUDA graph per shape and replayed (cuda_graphs.py).
+        self.cuda_graphs = cuda_graphs
         self.scheduler_config = dict(self.scheduler.source_config)  # the model's, for set_scheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.vae_source = getattr(self, "vae_source", "AutoencoderKL")  # from_pretrained names its folder
@@ -136,7 +140,22 @@ class DiffusionPipeline:
             model = getattr(self, name)
             if model is not None:
                 model.to(device=device, dtype=dtype)
+        graphs = self.unet.__dict__.get("_sdcore_cuda_graphs")
+        if graphs is not None and graphs.weights != graphs._weights_signature():  # the weights moved: free the
+            graphs.clear()                                                          # graphs now, recapture later
         return self
+
+    def _unet_call(self):
+        """The UNet, or on CUDA with cuda_graphs its graph cache (kept on the UNet object, so pipelines that
+        share the UNet share its graphs)."""
+        if not (self.cuda_graphs and self.device.type == "cuda"):
+            return self.unet
+        from .cuda_graphs import UNetGraphs
+
+        graphs = self.unet.__dict__.get("_sdcore_cuda_graphs")
+        if graphs is None:
+            graphs = self.unet.__dict__["_sdcore_cuda_graphs"] = UNetGraphs(self.unet)
+        return graphs
 
     @property
     def device(self) -> torch.device:
@@ -269,9 +288,10 @@ class DiffusionPipeline:
             from tqdm.auto import tqdm
 
             iterator = tqdm(timesteps, desc="sdcore", unit="step")
+        unet = self._unet_call()
         for i, t in enumerate(iterator):
             x = torch.cat([latents, latents]) if cfg else latents
-            out = self.unet(sched.scale_model_input(x, t), t, embeds, **extra)
+            out = unet(sched.scale_model_input(x, t), t, embeds, **extra)
             watch.check(out, "UNet", i + 1)
             if cfg and guidance_rescale > 0:
                 uncond, cond = out.chunk(2)

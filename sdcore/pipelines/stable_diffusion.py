@@ -21,10 +21,11 @@ from .base import (DiffusionPipeline, PipelineOutput, _FiniteWatch, _image_tenso
 class StableDiffusionPipeline(DiffusionPipeline):
     """``pipe = StableDiffusionPipeline.from_pretrained(dir)``; ``pipe("a photo of a cat").images[0]``."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, backend: str | None = None):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, backend: str | None = None,
+                 cuda_graphs: bool = True):
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = \
             unet, vae, text_encoder, tokenizer, scheduler
-        self._setup(backend)
+        self._setup(backend, cuda_graphs)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -156,7 +157,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
 
     @classmethod
     def from_pipe(cls, pipe: StableDiffusionPipeline) -> "StableDiffusionImg2ImgPipeline":
-        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, backend=pipe.backend)
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, backend=pipe.backend,
+                   cuda_graphs=pipe.cuda_graphs)
 
     @torch.no_grad()
     def __call__(self, prompt, image, strength: float = 0.8, negative_prompt=None, num_inference_steps: int = 50,

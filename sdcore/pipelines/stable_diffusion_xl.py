@@ -48,14 +48,14 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, *,
                  force_zeros_for_empty_prompt: bool = True, requires_aesthetics_score: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, cuda_graphs: bool = True):
         self.vae, self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2 = \
             vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2
         self.unet, self.scheduler = unet, scheduler
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.requires_aesthetics_score = bool(requires_aesthetics_score)
         self._check_models()
-        self._setup(backend)
+        self._setup(backend, cuda_graphs)
         self._keep_vae_upcast()
 
     def _check_models(self) -> None:
@@ -182,7 +182,8 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
         """The same models (no copy) in another SDXL pipeline, e.g. image-to-image from a text-to-image one."""
         new = cls(pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2, pipe.unet,
                   pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-                  requires_aesthetics_score=pipe.requires_aesthetics_score, backend=pipe.backend)
+                  requires_aesthetics_score=pipe.requires_aesthetics_score, backend=pipe.backend,
+                  cuda_graphs=pipe.cuda_graphs)
         new.vae_source = pipe.vae_source
         return new
 

@@ -40,8 +40,9 @@ class Engine:
     ``models_dir``/``lora_dir``: what requests may switch to; ``outdir``: where save_images writes."""
 
     def __init__(self, *, model=None, arch="tiny", models_dir=None, lora_dir=None, device="cpu", dtype=None,
-                 backend=None, outdir=None):
+                 backend=None, outdir=None, cuda_graphs=True):
         self.arch, self.device, self.dtype, self.backend = arch, device, dtype, backend
+        self.cuda_graphs = cuda_graphs
         self.models_dir = Path(models_dir) if models_dir else None
         self.lora_dir = Path(lora_dir) if lora_dir else None
         self.outdir = Path(outdir) if outdir else None
@@ -86,7 +87,7 @@ class Engine:
             path = files.checked_path(entry, self.models_dir)
         try:
             self.pipe = load_pipeline(None if path is None else str(path), self.arch, self.device, self.dtype,
-                                      self.backend)
+                                      self.backend, cuda_graphs=self.cuda_graphs)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise Invalid([error("sd_model_checkpoint", f"{title}: can't be loaded ({exc})", title)]) from None
         self.title = title
