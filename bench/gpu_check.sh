@@ -52,9 +52,9 @@ tail -8 "$OUT/validate.txt"
 step "bench ops fp16"
 timeout 90 $PY bench/ops.py --device cuda --dtype fp16 | tee "$OUT/bench.txt" || status=1
 
-step "bench pipeline (SD1.5 fp16 512x512: kernels, torch, diffusers)"
+step "bench pipeline (SD1.5 fp16 512x512: kernels eager and with CUDA graphs, torch, diffusers)"
 timeout 240 $PY bench/pipeline.py --device cuda --dtype fp16 --sizes 512 --steps 10 --repeat 10 \
-  --impls kernels,torch,diffusers --json "$OUT/pipeline.json" | tee -a "$OUT/bench.txt" || status=1
+  --impls kernels,graphs,torch,diffusers --json "$OUT/pipeline.json" | tee -a "$OUT/bench.txt" || status=1
 
 step "profile (SD1.5 fp16 512x512, kernels vs torch)"
 # The traces are too large to bring back from a lent machine; summary.json and the chart come back.

@@ -1,5 +1,5 @@
-"""Stable Diffusion pipeline benchmark: sdcore on the kernels, torch and reference backends, and diffusers
-itself, on the same random SD-architecture weights and inputs, side by side in one run.
+"""Stable Diffusion pipeline benchmark: sdcore on the kernels, torch and reference backends (on CUDA also the
+kernels with the pipeline's CUDA graphs, "graphs"; "kernels" is then eager), and diffusers itself, on the same random SD-architecture weights and inputs, side by side in one run.
 
     python bench/pipeline.py --device cpu --sizes 256,512            # CPU fp32 (docs/PERF.md)
     python bench/pipeline.py --device cuda --dtype fp16 --sizes 512  # GPU
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import timeit  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 
-IMPLS = ("kernels", "torch", "reference", "diffusers")
+# graphs: the kernels backend with the pipeline's CUDA graphs (the UNet call replayed); kernels alone runs eagerly.
+IMPLS = ("kernels", "graphs", "torch", "reference", "diffusers")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -79,7 +80,10 @@ def worker(args) -> dict:
     pipe = embedded.build(args.arch, dtype=dtype)
     pipe.to(device)
     impl = args.worker
-    backend = "torch" if impl == "diffusers" else impl
+    if impl == "graphs" and device != "cuda":
+        raise SystemExit("graphs: CUDA graphs need --device cuda")
+    backend = {"diffusers": "torch", "graphs": "kernels"}.get(impl, impl)
+    pipe.cuda_graphs = impl == "graphs"
     ref = _diffusers_pipeline(pipe) if impl == "diffusers" else None
     if ref is not None:  # from here on the weights are diffusers' alone
         pipe.unet = pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = None
@@ -116,7 +120,8 @@ def worker(args) -> dict:
                                              num_inference_steps=args.steps, output_type="pt",
                                              generator=torch.Generator().manual_seed(0)), 1, e2e_warmup)
             else:
-                unet_ms = measure(lambda: unet(x, t, text, **added), args.repeat)
+                call = pipe._unet_call()  # the graph cache for "graphs", the UNet itself otherwise
+                unet_ms = measure(lambda: call(x, t, text, **added), args.repeat)
                 vae_ms = measure(lambda: vae.decode(z_vae), args.repeat)
                 e2e_ms = measure(lambda: pipe("a photo of a cat", height=size, width=size,
                                               num_inference_steps=args.steps, output_type="pt", seed=0,
@@ -136,12 +141,13 @@ def main() -> int:
     p.add_argument("--sizes", default="256,512", help="image sizes (square), comma-separated")
     p.add_argument("--steps", type=int, default=2, help="denoising steps of the end-to-end run")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    p.add_argument("--impls", default=None, help=f"subset of {','.join(IMPLS)} (default: all; graphs on cuda only)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
     args.sizes = [int(s) for s in str(args.sizes).split(",")]
+    args.impls = args.impls or ",".join(i for i in IMPLS if args.device == "cuda" or i != "graphs")
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
