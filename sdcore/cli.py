@@ -417,6 +417,19 @@ def _parents(default_device: str):
     return common, device, model
 
 
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
+    """How the pipeline is put together, the same for generate and batch."""
+    p.add_argument("--vae", metavar="DIR",
+                   help="a diffusers AutoencoderKL folder that replaces the model's VAE (e.g. the fp16-fix SDXL "
+                        "VAE, which decodes in float16 without NaN)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="encode/decode the image tile by tile with blended seams: bounded memory for large "
+                        "images (e.g. 2048x2048 SDXL), slightly different pixels")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on CUDA, run the UNet eagerly instead of capturing it into a CUDA graph per image size "
+                        "and replaying it (default: graphs; same pixels, fewer launches)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import torch
 
@@ -477,15 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image", metavar="IMG", help="image-to-image: start from this picture")
     p.add_argument("--strength", type=ranges.cli_type("strength"), default=None, metavar="X",
                    help="img2img: how much of the schedule to redo, [0, 1] (default 0.8; SDXL 0.3)")
-    p.add_argument("--vae", metavar="DIR",
-                   help="a diffusers AutoencoderKL folder that replaces the model's VAE (e.g. the fp16-fix SDXL "
-                        "VAE, which decodes in float16 without NaN)")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="on CUDA, run the UNet eagerly instead of capturing it into a CUDA graph per image size "
-                        "and replaying it (default: graphs; same pixels, fewer launches)")
-    p.add_argument("--vae-tiling", action="store_true",
-                   help="encode/decode the image tile by tile with blended seams: bounded memory for large "
-                        "images (e.g. 2048x2048 SDXL), slightly different pixels")
+    _pipeline_options(p)
     p.add_argument("--out", default="out.png",
                    help="output image, .png, .jpg/.jpeg or .webp (default out.png; with --n > 1: out-0.png, "
                         "out-1.png, ...)")
@@ -519,13 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: this process, one device (default); ray: Ray Data workers, one per GPU")
     p.add_argument("--address", default=None, help="with --engine ray: join this Ray cluster (default: start a "
                                                     "local Ray)")
-    p.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder that replaces the model's VAE")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="on CUDA, run the UNet eagerly instead of capturing it into a CUDA graph per image size "
-                        "and replaying it (default: graphs; same pixels, fewer launches)")
-    p.add_argument("--vae-tiling", action="store_true",
-                   help="encode/decode the image tile by tile with blended seams: bounded memory for large "
-                        "images (e.g. 2048x2048 SDXL), slightly different pixels")
+    _pipeline_options(p)
     p.add_argument("--workers", type=ranges.cli_type("workers"), default=None, metavar="N",
                    help="with --engine ray: worker processes (default: one per GPU, else one per CPU)")
     p.add_argument("--batch-size", **_ranged("batch", "images per pipeline call; above 1 the last bits of "

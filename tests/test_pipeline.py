@@ -254,3 +254,31 @@ def test_pipelines_are_exported_at_the_top():
     assert sdcore.StableDiffusionImg2ImgPipeline is StableDiffusionImg2ImgPipeline
     with pytest.raises(AttributeError):
         sdcore.NoSuchPipeline  # noqa: B018
+
+
+def test_channels_last_end_to_end():
+    """pipe.channels_last=True (the default on CUDA): the conv weights move once, the UNet and the VAE get NHWC
+    inputs, and their feature maps stay NHWC (the spatial transformer's token view is then free); the image is
+    the NCHW one up to the convolutions' rounding."""
+    from sdcore import embedded
+
+    pipe = embedded.build("tiny")
+    assert pipe.channels_last is None and pipe.unet.conv_in.weight.is_contiguous()  # CPU default: NCHW
+    kw = dict(height=64, width=64, num_inference_steps=2, seed=1, output_type="np", progress=False)
+    nchw = pipe("a red car", **kw).images
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(
+        (type(m).__name__, a[0].is_contiguous(memory_format=torch.channels_last)))) for m in
+        (pipe.unet, pipe.vae.decoder, pipe.unet.down_blocks[0].resnets[0], pipe.unet.up_blocks[-1].resnets[-1])]
+    pipe.channels_last = True
+    weight = pipe.unet.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and weight.shape[1] > 1
+    nhwc = pipe("a red car", **kw).images
+    for h in hooks:
+        h.remove()
+    assert seen and all(cl for _, cl in seen), seen
+    assert np.abs(nhwc - nchw).max() < 1e-4
+    pipe.channels_last = None
+    assert pipe.unet.conv_in.weight.is_contiguous()
+    with pytest.raises(TypeError, match="channels_last must be True, False or None"):
+        pipe.channels_last = "yes"

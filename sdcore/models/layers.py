@@ -56,10 +56,11 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+        # [B, HW, C]: a view of a channels_last map (a copy of an NCHW one), and back the same way
+        tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
         out = self.to_out[0](ops.attention(q, k, v).squeeze(1))
-        return x + out.transpose(1, 2).reshape(b, c, h, w)
+        return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):

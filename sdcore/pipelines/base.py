@@ -129,6 +129,8 @@ class DiffusionPipeline:
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         # On CUDA, the UNet call is captured into a CUDA graph per shape and replayed (cuda_graphs.py).
         self.cuda_graphs = cuda_graphs
+        self._channels_last: bool | None = None
+        self._apply_layout()
         self.scheduler_config = dict(self.scheduler.source_config)  # the model's, for set_scheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.vae_source = getattr(self, "vae_source", "AutoencoderKL")  # from_pretrained names its folder
@@ -140,10 +142,40 @@ class DiffusionPipeline:
             model = getattr(self, name)
             if model is not None:
                 model.to(device=device, dtype=dtype)
+        self._apply_layout()
         graphs = self.unet.__dict__.get("_sdcore_cuda_graphs")
         if graphs is not None and graphs.weights != graphs._weights_signature():  # the weights moved: free the
             graphs.clear()                                                          # graphs now, recapture later
         return self
+
+    @property
+    def channels_last(self) -> bool | None:
+        """The UNet's and VAE's activations in channels_last (NHWC) memory. None (default): on CUDA, where
+        cuDNN's tensor-core convolutions read NHWC and NCHW costs a layout conversion around every conv;
+        True / False: on or off on any device. Setting it moves the conv weights (not while generating)."""
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool | None) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"channels_last must be True, False or None, got {value!r}")
+        self._channels_last = value
+        self._apply_layout()
+
+    def _nhwc(self) -> bool:
+        return self.device.type == "cuda" if self._channels_last is None else self._channels_last
+
+    def _apply_layout(self) -> None:
+        """The UNet's and VAE's conv weights in the activations' memory format (a no-op when they already are:
+        the weights keep their storage)."""
+        fmt = torch.channels_last if self._nhwc() else torch.contiguous_format
+        for model in (self.unet, self.vae):
+            if any(p.dim() == 4 and not p.is_contiguous(memory_format=fmt) for p in model.parameters()):
+                model.to(memory_format=fmt)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """A UNet or VAE input in the models' memory format (a tiny copy of the latents, once per call)."""
+        return x.contiguous(memory_format=torch.channels_last if self._nhwc() else torch.contiguous_format)
 
     def _unet_call(self):
         """The UNet, or on CUDA with cuda_graphs its graph cache (kept on the UNet object, so pipelines that
@@ -269,6 +301,25 @@ class DiffusionPipeline:
         return latents.to(self.device, self.dtype), step_generator, [None] * count
 
     # ------------------------------------------------------------------------------------------ the loop
+    def _size(self, height, width) -> tuple[int, int]:
+        """A text-to-image call's size: the UNet's trained one by default; checked."""
+        size = self.unet.config.sample_size * self.vae_scale_factor
+        height = size if height is None else height
+        width = size if width is None else width
+        self._check_size(height, width)
+        return height, width
+
+    def _latent_shape(self, count: int, height: int, width: int, latents, generator) -> tuple:
+        """The starting latents' shape for ``count`` images, checked against the caller's latents and
+        generators."""
+        shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        if isinstance(generator, list) and len(generator) != count:
+            raise ValueError(f"generator: {len(generator)} generators for {count} images")
+        return shape
+
     def _check_size(self, height, width):
         f = self.vae_scale_factor
         for name, v in (("height", height), ("width", width)):
@@ -291,7 +342,7 @@ class DiffusionPipeline:
         unet = self._unet_call()
         for i, t in enumerate(iterator):
             x = torch.cat([latents, latents]) if cfg else latents
-            out = unet(sched.scale_model_input(x, t), t, embeds, **extra)
+            out = unet(self._layout(sched.scale_model_input(x, t)), t, embeds, **extra)
             watch.check(out, "UNet", i + 1)
             if cfg and guidance_rescale > 0:
                 uncond, cond = out.chunk(2)
@@ -316,7 +367,7 @@ class DiffusionPipeline:
         if output_type == "latent":
             return latents
         dtype = next(self.vae.parameters()).dtype  # float32 where an SDXL pipeline keeps it upcast
-        image = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor)
+        image = self.vae.decode(self._layout(latents.to(dtype) / self.vae.config.scaling_factor))
         watch.check(image, "VAE decode", detail=(
             f"The VAE ({self.vae_source}) ran in {str(dtype).removeprefix('torch.')}. A VAE that overflows in "
             "float16 (SDXL's does) needs force_upcast: true in its config (it then decodes in float32), dtype "

@@ -129,17 +129,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             num_images_per_prompt=num_images_per_prompt, eta=eta, seed=seed, clip_skip=clip_skip,
             output_type=output_type)
-        size = self.unet.config.sample_size * self.vae_scale_factor
-        height = size if height is None else height
-        width = size if width is None else width
-        self._check_size(height, width)
+        height, width = self._size(height, width)
         count = n_prompts * num_images_per_prompt
-        shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        if isinstance(generator, list) and len(generator) != count:
-            raise ValueError(f"generator: {len(generator)} generators for {count} images")
+        shape = self._latent_shape(count, height, width, latents, generator)
         watch = _FiniteWatch(not allow_nan, num_inference_steps)
         with self._backend_scope(), self._adapters().lock.shared():  # no adapter switch mid-generation
             embeds, count = self._conditioning(prompt, negative_prompt, num_images_per_prompt, guidance_scale,
@@ -195,7 +187,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                 base = random.randrange(2**31) if seed is None else int(seed)
                 generator, seeds = torch.Generator().manual_seed(base), [base] * count
             gen = generator[0] if isinstance(generator, list) else generator
-            init = self.vae.encode(x).sample(gen) * self.vae.config.scaling_factor
+            init = self.vae.encode(self._layout(x)).sample(gen) * self.vae.config.scaling_factor
             init = init.repeat(count // x.shape[0], 1, 1, 1)  # each image encoded once, tiled as diffusers does
             noise = torch.randn(init.shape, generator=gen, device=gen.device).to(self.device, self.dtype)
             latents = sched.add_noise(init, noise, timesteps[:1])

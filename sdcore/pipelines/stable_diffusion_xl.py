@@ -281,10 +281,7 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
         if self.requires_aesthetics_score:
             raise ValueError("this model requires_aesthetics_score (the SDXL refiner): it refines an image or the "
                              "base's latents, with StableDiffusionXLImg2ImgPipeline")
-        size = self.unet.config.sample_size * self.vae_scale_factor
-        height = size if height is None else height
-        width = size if width is None else width
-        self._check_size(height, width)
+        height, width = self._size(height, width)
         time_ids = self._time_ids(original_size or (height, width), crops_coords_top_left,
                                   target_size or (height, width), None)
         negative_time_ids = time_ids
@@ -292,12 +289,7 @@ class StableDiffusionXLPipeline(DiffusionPipeline):
             negative_time_ids = self._time_ids(negative_original_size, negative_crops_coords_top_left,
                                                negative_target_size, None)
         count = n_prompts * num_images_per_prompt
-        shape = (count, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        if isinstance(generator, list) and len(generator) != count:
-            raise ValueError(f"generator: {len(generator)} generators for {count} images")
+        shape = self._latent_shape(count, height, width, latents, generator)
         watch = _FiniteWatch(not allow_nan, num_inference_steps)
         with self._backend_scope(), self._adapters().lock.shared():  # no adapter switch mid-generation
             embeds, added, count = self._conditioning_xl(
@@ -383,7 +375,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                 init = x.to(self.device, self.dtype)
             else:
                 vae_dtype = next(self.vae.parameters()).dtype
-                init = self.vae.encode(x.to(self.device, vae_dtype)).sample(gen).to(self.dtype)
+                init = self.vae.encode(self._layout(x.to(self.device, vae_dtype))).sample(gen).to(self.dtype)
                 init = init * self.vae.config.scaling_factor
             init = init.repeat(count // x.shape[0], 1, 1, 1)  # each image encoded once, tiled as diffusers does
             latents = init
