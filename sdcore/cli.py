@@ -569,7 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the whole pipeline once to warm up, then once under torch.profiler, with a range "
                     "(and on CUDA an NVTX range)\naround each component: text_encoder, unet, scheduler_step, "
                     "vae_decode. Without --model the embedded\nrandom-weight model runs (--arch); its timing is "
-                    "that of the real architecture.",
+                    "that of the real architecture.\nThe UNet runs eagerly here (no CUDA graphs), so that each "
+                    "kernel is seen and attributed;\nbench/pipeline.py's graphs row measures what the graphs "
+                    "save.",
         epilog="""output (times in ms per image; docs/PROFILING.md explains every table):
   components  each component's time, share of the wall time, calls and peak memory (MiB allocated above
               what was live when it started); 'pipeline overhead' = wall time minus the components.

@@ -246,10 +246,22 @@ def _sync(device: str) -> None:
 
 def profile_backend(pipe, backend: str, *, height: int, width: int, steps: int, batch: int,
                     trace: Path | None = None) -> dict:
-    """Warm up, profile one pipeline run on ``backend``; times in ms per image."""
+    """Warm up, profile one pipeline run on ``backend``; times in ms per image. The UNet runs eagerly (no CUDA
+    graphs): the components are told apart by module hooks, which a graph replay doesn't call, and the point
+    here is each kernel's time (bench/pipeline.py's graphs row measures what graphs save)."""
+    device = pipe.device.type
+    graphs, pipe.cuda_graphs = pipe.cuda_graphs, False
+    try:
+        return _profile_run(pipe, backend, device, height=height, width=width, steps=steps, batch=batch,
+                            trace=trace)
+    finally:
+        pipe.cuda_graphs = graphs
+
+
+def _profile_run(pipe, backend: str, device: str, *, height: int, width: int, steps: int, batch: int,
+                 trace: Path | None) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    device = pipe.device.type
     kwargs = dict(height=height, width=width, num_inference_steps=steps, num_images_per_prompt=batch,
                   seed=0, progress=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
