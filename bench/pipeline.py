@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="denoising steps of the end-to-end run")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
     p.add_argument("--impls", default=None, help=f"subset of {','.join(IMPLS)} (default: all; graphs on cuda only)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every implementation this many times, in turn (A B C A B C ...), and report each "
+                        "one's median: on a shared machine the process that runs first or last can be 10-30%% "
+                        "off, and alternating spreads that over all of them")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -152,22 +157,33 @@ def main() -> int:
         print(json.dumps(worker(args)))
         return 0
 
-    rows = []
-    for impl in args.impls.split(","):
+    impls = args.impls.split(",")
+    for impl in impls:
         if impl not in IMPLS:
             p.error(f"unknown impl {impl!r}")
-        cmd = [sys.executable, __file__, "--worker", impl, "--device", args.device, "--dtype", args.dtype,
-               "--arch", args.arch, "--sizes", ",".join(map(str, args.sizes)), "--steps", str(args.steps),
-               "--repeat", str(args.repeat)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{impl}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows += json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    runs = []
+    for _ in range(max(1, args.rounds)):
+        for impl in impls:
+            cmd = [sys.executable, __file__, "--worker", impl, "--device", args.device, "--dtype", args.dtype,
+                   "--arch", args.arch, "--sizes", ",".join(map(str, args.sizes)), "--steps", str(args.steps),
+                   "--repeat", str(args.repeat)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{impl}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            runs += json.loads(done.stdout.strip().splitlines()[-1])["results"]
+    rows = []  # per (impl, size): the median over rounds of each time, the largest peak
+    for impl in impls:
+        for size in args.sizes:
+            mine = [r for r in runs if r["impl"] == impl and r["size"] == size]
+            if mine:
+                rows.append(dict(impl=impl, size=size, rounds=len(mine), peak_mib=max(r["peak_mib"] for r in mine),
+                                 **{k: statistics.median(r[k] for r in mine) for k in ("unet_ms", "vae_ms", "e2e_ms")}))
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"# sdcore bench/pipeline.py  arch={args.arch}  device={args.device} ({name})  dtype={args.dtype}  "
-          f"torch={torch.__version__}  e2e = {args.steps} steps + text encoder + VAE decode")
+          f"torch={torch.__version__}  e2e = {args.steps} steps + text encoder + VAE decode  "
+          f"rounds={max(1, args.rounds)}")
     print(f"{'size':>5} {'impl':<10} {'UNet step ms':>13} {'VAE decode ms':>14} {'end-to-end ms':>14} "
           f"{'peak MiB':>9} {'UNet vs diffusers':>18}")
     for size in args.sizes:
@@ -178,7 +194,7 @@ def main() -> int:
                   f"{r['peak_mib']:>9.0f} {speed:>18}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=name, dtype=args.dtype, arch=args.arch, steps=args.steps,
-                                                   torch=torch.__version__, rows=rows), indent=1))
+                                                   torch=torch.__version__, rows=rows, runs=runs), indent=1))
     return 0
 
 

@@ -80,7 +80,8 @@ def test_type_a_prompt_press_generate_see_the_image_and_100_percent(tmp_path):
             assert time.monotonic() < end, "the form never filled its sampler list from the API"
             time.sleep(0.1)
         driver.type("#prompt", "a lighthouse at dusk")
-        for field, value in (("#steps", "40"), ("#width", "64"), ("#height", "64"), ("#seed", "21")):
+        # long enough (~3 s here) that the page's 250 ms polls see the bar between 0% and 100%
+        for field, value in (("#steps", "150"), ("#width", "256"), ("#height", "256"), ("#seed", "21")):
             driver.type(field, value)
         driver.s("POST", f"/element/{driver.find('#generate')}/click", {})
         seen = set()
@@ -94,7 +95,7 @@ def test_type_a_prompt_press_generate_see_the_image_and_100_percent(tmp_path):
         assert driver.script("return document.getElementById('error').textContent") == ""
         width = driver.script("return document.querySelector('#grid img').naturalWidth")
         caption = driver.script("return document.querySelector('#grid figcaption').textContent")
-        assert width == 64 and caption.startswith("a lighthouse at dusk\n") and "Seed: 21," in caption
+        assert width == 256 and caption.startswith("a lighthouse at dusk\n") and "Seed: 21," in caption
         assert any(p not in ("0%", "100%") for p in seen), seen  # the bar moved while the job ran
         time.sleep(0.5)  # the bar's 0.2 s width transition, for the screenshot
         (tmp_path / "page.png").write_bytes(base64.b64decode(driver.s("GET", "/screenshot")))
