@@ -114,7 +114,7 @@ def describe(arch: str) -> str:
     kind = "SDXL" if is_xl(arch) else "Stable Diffusion"
     return (f"embedded default model ({arch}: {kind} architecture with RANDOM weights, so the image "
             "is noise, not a picture). For real images pass --model DIR (a diffusers folder) or "
-            "--model FILE.safetensors (an original SD 1.x/2.x checkpoint).")
+            "--model FILE.safetensors (an original SD 1.x/2.x or SDXL checkpoint).")
 
 
 __all__ = ["ARCHS", "CONFIGS", "build", "describe", "is_xl"]
