@@ -102,3 +102,24 @@ def test_generations_with_and_without_graphs_are_bitwise_equal(device):
     with_graphs = pipe("a red car", **kw).images
     pipe.cuda_graphs = False
     assert (with_graphs == pipe("a red car", **kw).images).all()
+
+
+def test_a_failed_capture_warns_once_and_runs_eagerly(caplog):
+    """Capture fails for real where there is no CUDA (here: on the CPU): the call still returns the eager
+    output, the cache says why it is off, warns once, and later calls run eagerly without trying again."""
+    import logging
+
+    pipe = embedded.build("tiny")
+    graphs = UNetGraphs(pipe.unet)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, pipe.unet.config.cross_attention_dim,
+                                                                 generator=g)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="sdcore"):
+        got = graphs(x, 500, text)
+        again = graphs(x, 250.0, text)
+        want = pipe.unet(x, torch.tensor([500.0, 500.0]), text)
+        want_again = pipe.unet(x, torch.tensor([250.0, 250.0]), text)
+    assert torch.equal(got, want) and torch.equal(again, want_again)
+    assert graphs.disabled is not None and "capture failed" in graphs.disabled and len(graphs.graphs) == 0
+    warnings = [r for r in caplog.records if "CUDA graphs off" in r.getMessage()]
+    assert len(warnings) == 1 and "--no-cuda-graphs" in warnings[0].getMessage()
