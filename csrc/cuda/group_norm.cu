@@ -685,35 +685,57 @@ cudaError_t launch_fused(const FusedArgs<T>& a, bool cl, int64_t grid, int threa
   return cluster ? run(gn_fused_kernel<T, VEC, false, true>, true) : run(gn_fused_kernel<T, VEC, false, false>, false);
 }
 
+// The fused path's geometry: a group cut into K chunks staged in shared memory, within the device's budget.
+template <typename T>
+struct FusedGeometry {
+  static constexpr int esz = static_cast<int>(sizeof(T));
+  int64_t HW, cpg, N, NG, cpg_pad, coef_bytes, limit, max_k;
+  int vec;
+
+  FusedGeometry(const GroupNormParams& p, const DeviceInfo& d) {
+    HW = p.hw;
+    cpg = p.channels / p.groups;
+    N = cpg * HW;
+    NG = p.batch * p.groups;
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y);
+    vec = pick_vec(p.channels_last ? cpg : N, addr, esz);
+    cpg_pad = round_up(cpg, 4);
+    coef_bytes = 2 * cpg_pad * static_cast<int64_t>(sizeof(float));
+    // Static shared memory (reduction scratch) and a margin stay out of the opt-in budget.
+    limit = std::min<int64_t>(kFusedMaxBytes + coef_bytes, static_cast<int64_t>(d.smem_optin) - 1024);
+    max_k = d.cc_major >= 9 ? kMaxCluster : 1;
+  }
+  bool in_range() const { return N <= INT_MAX / 2 && HW <= INT_MAX / 2; }
+  int64_t chunk_of(int64_t K) const { return round_up(ceil_div(N, K), vec); }
+  int64_t smem_of(int64_t K) const { return round_up(chunk_of(K) * esz, 16) + coef_bytes; }
+  // try_fused runs whatever K it picks: one block per group (K = 1, its last resort) fits, and no grid of up
+  // to max_k blocks per group overflows. Then the split path, and its workspace, are never needed.
+  bool certain() const { return in_range() && smem_of(1) <= limit && NG * max_k <= INT_MAX; }
+};
+
 // Runs the fused path if the group (or its K <= 8 chunks) fits in shared memory; cudaErrorNotSupported
 // (nothing launched) otherwise.
 template <typename T>
 cudaError_t try_fused(const GroupNormParams& p, const DeviceInfo& d, cudaStream_t stream) {
-  constexpr int esz = static_cast<int>(sizeof(T));
-  const int64_t B = p.batch, C = p.channels, HW = p.hw, G = p.groups;
-  const int64_t cpg = C / G, N = cpg * HW, NG = B * G;
-  if (N > INT_MAX / 2 || HW > INT_MAX / 2) return cudaErrorNotSupported;
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(p.x) | reinterpret_cast<uintptr_t>(p.y);
-  const int vec = pick_vec(p.channels_last ? cpg : N, addr, esz);
-  const int64_t cpg_pad = round_up(cpg, 4);
-  const int64_t coef_bytes = 2 * cpg_pad * static_cast<int64_t>(sizeof(float));
-  auto chunk_of = [&](int64_t K) { return round_up(ceil_div(N, K), vec); };
-  auto smem_of = [&](int64_t K) { return round_up(chunk_of(K) * esz, 16) + coef_bytes; };
-  // Static shared memory (reduction scratch) and a margin stay out of the opt-in budget.
-  const int64_t limit = std::min<int64_t>(kFusedMaxBytes + coef_bytes, static_cast<int64_t>(d.smem_optin) - 1024);
-  const int64_t max_k = d.cc_major >= 9 ? kMaxCluster : 1;
+  const int64_t C = p.channels, G = p.groups;
+  const FusedGeometry<T> f(p, d);
+  if (!f.in_range()) return cudaErrorNotSupported;
+  const int64_t HW = f.HW, cpg = f.cpg, N = f.N, NG = f.NG, cpg_pad = f.cpg_pad, limit = f.limit;
+  const int64_t max_k = f.max_k;
+  const int vec = f.vec;
+  constexpr int esz = FusedGeometry<T>::esz;
 
   // Smallest K that fits; then more blocks while there are fewer blocks than SMs and chunks stay large.
   int64_t K = 1;
   while (K < max_k &&
-         (smem_of(K) > limit || (NG * K < d.sms && chunk_of(2 * K) * esz >= kFusedMinChunkBytes))) {
+         (f.smem_of(K) > limit || (NG * K < d.sms && f.chunk_of(2 * K) * esz >= kFusedMinChunkBytes))) {
     K *= 2;
   }
   for (;;) {
-    if (smem_of(K) > limit) return cudaErrorNotSupported;
+    if (f.smem_of(K) > limit) return cudaErrorNotSupported;
     const int64_t grid = NG * K;
     if (grid > INT_MAX) return cudaErrorNotSupported;
-    const int64_t chunk = chunk_of(K);
+    const int64_t chunk = f.chunk_of(K);
     const int64_t nvec = chunk / vec;
     const int threads = static_cast<int>(std::min<int64_t>(
         kFusedMaxThreads, std::max<int64_t>(64, round_up(ceil_div(nvec, kUnroll), 32))));
@@ -734,7 +756,7 @@ cudaError_t try_fused(const GroupNormParams& p, const DeviceInfo& d, cudaStream_
     a.cpg_pad = static_cast<int>(cpg_pad);
     a.eps = p.eps;
     a.silu = p.silu;
-    const int64_t smem = smem_of(K);
+    const int64_t smem = f.smem_of(K);
     cudaError_t err = with_vec<T>(vec, [&](auto v) {
       return launch_fused<T, decltype(v)::value>(a, p.channels_last, grid, threads, smem, stream);
     });
@@ -955,18 +977,24 @@ cudaError_t group_norm_typed(const GroupNormParams& p, cudaStream_t stream) {
   return run_split<T>(p, stream);
 }
 
+template <typename T>
+int64_t workspace_bytes_typed(const GroupNormParams& p) {
+  DeviceInfo d;
+  if (device_info(d) == cudaSuccess && FusedGeometry<T>(p, d).certain()) return 0;  // fused: no workspace
+  SplitPlan s;
+  return plan_split<T>(p, s) == cudaSuccess ? static_cast<int64_t>(s.ws_bytes) : 0;  // bad: group_norm says
+}
+
 }  // namespace
 
 int64_t group_norm_workspace_bytes(const GroupNormParams& p) {
   if (p.batch <= 0 || p.channels <= 0 || p.hw <= 0 || p.groups <= 0 || p.channels % p.groups != 0) return 0;
-  SplitPlan s;
-  cudaError_t err = cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kFloat32: err = plan_split<float>(p, s); break;
-    case DType::kFloat16: err = plan_split<__half>(p, s); break;
-    case DType::kBFloat16: err = plan_split<__nv_bfloat16>(p, s); break;
+    case DType::kFloat32: return workspace_bytes_typed<float>(p);
+    case DType::kFloat16: return workspace_bytes_typed<__half>(p);
+    case DType::kBFloat16: return workspace_bytes_typed<__nv_bfloat16>(p);
   }
-  return err == cudaSuccess ? static_cast<int64_t>(s.ws_bytes) : 0;  // a bad shape fails in group_norm itself
+  return 0;
 }
 
 cudaError_t group_norm(const GroupNormParams& p, cudaStream_t stream) {

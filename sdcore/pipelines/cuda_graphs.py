@@ -24,7 +24,9 @@ from .. import _backend
 log = logging.getLogger("sdcore")
 
 CAPACITY = 8  # graphs kept; each holds its static inputs and output (its activations are in the shared pool)
-WARMUP_CALLS = 2  # eager calls on a side stream before capture (cuDNN/cuBLAS workspaces, lazy inits)
+# eager calls on a side stream before capture (cuDNN/cuBLAS workspaces, lazy inits); the eager reference call
+# that the first replay is checked against has already run once on the main stream
+WARMUP_CALLS = 1
 
 
 class LRU:
