@@ -62,29 +62,24 @@ def _factors(g, weight, rank):
     return down, up
 
 
-def _kohya(pipe, seed, rank=4, alpha=2.0):
-    """kohya/A1111 keys on the UNet's attention and both text encoders (lora_te1_ / lora_te2_)."""
+def _lora(pipe, seed, kohya: bool, rank=4, alpha=2.0) -> dict:
+    """A LoRA on the UNet's attention and both text encoders: kohya/A1111 keys (lora_unet_, lora_te1_, lora_te2_,
+    with alpha) or diffusers/PEFT keys (unet., text_encoder., text_encoder_2.; lora_A / lora_B, scale 1)."""
     g = torch.Generator().manual_seed(seed)
+    parts = (("lora_unet_", "unet.", pipe.unet, ATTN),
+             ("lora_te1_text_model_", "text_encoder.text_model.", pipe.text_encoder, TE),
+             ("lora_te2_text_model_", "text_encoder_2.text_model.", pipe.text_encoder_2, TE))
     out = {}
-    for prefix, modules in (("lora_unet_", _modules(pipe.unet, ATTN)),
-                            ("lora_te1_text_model_", _modules(pipe.text_encoder, TE)),
-                            ("lora_te2_text_model_", _modules(pipe.text_encoder_2, TE))):
-        for name, m in modules.items():
-            key = prefix + name.removeprefix("text_model.").replace(".", "_")
-            out[key + ".lora_down.weight"], out[key + ".lora_up.weight"] = _factors(g, m.weight, rank)
-            out[key + ".alpha"] = torch.tensor(alpha)
-    return out
-
-
-def _peft(pipe, seed, rank=4):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for prefix, modules in (("unet.", _modules(pipe.unet, ATTN)),
-                            ("text_encoder.text_model.", _modules(pipe.text_encoder, TE)),
-                            ("text_encoder_2.text_model.", _modules(pipe.text_encoder_2, TE))):
-        for name, m in modules.items():
-            key = prefix + name.removeprefix("text_model.")
-            out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = _factors(g, m.weight, rank)
+    for kohya_prefix, peft_prefix, model, suffixes in parts:
+        for name, m in _modules(model, suffixes).items():
+            name = name.removeprefix("text_model.")
+            down, up = _factors(g, m.weight, rank)
+            if kohya:
+                key = kohya_prefix + name.replace(".", "_")
+                out |= {key + ".lora_down.weight": down, key + ".lora_up.weight": up,
+                        key + ".alpha": torch.tensor(alpha)}
+            else:
+                out |= {f"{peft_prefix}{name}.lora_A.weight": down, f"{peft_prefix}{name}.lora_B.weight": up}
     return out
 
 
@@ -102,8 +97,8 @@ def _snapshot(pipe):
 
 def test_kohya_and_peft_files_and_mixing_match_diffusers(saved, pipe, tmp_path):
     ref = _ref(saved)
-    save_file(_kohya(pipe, 1), tmp_path / "style.safetensors")
-    save_file(_peft(pipe, 2), tmp_path / "peft.safetensors")
+    save_file(_lora(pipe, 1, kohya=True), tmp_path / "style.safetensors")
+    save_file(_lora(pipe, 2, kohya=False), tmp_path / "peft.safetensors")
     base, snap = _run(pipe), _snapshot(pipe)
 
     pipe.load_lora_weights(tmp_path / "style.safetensors", strict=True)
@@ -182,7 +177,7 @@ def test_an_sd1_lora_is_refused_naming_the_key_and_shapes(pipe, tmp_path):
 def test_a_switch_during_an_sdxl_generation_is_refused_not_raced(pipe):
     """The SDXL call holds the adapters' lock shared: switching from inside it (a callback) is an error, not a
     change under the running denoising loop (another thread's switch waits; test_lora checks that path)."""
-    sd = _peft(pipe, 3)
+    sd = _lora(pipe, 3, kohya=False)
     seen = []
 
     def callback(p, i, t, kwargs):
