@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdcore import embedded  # noqa: E402
+from timing import unet_inputs  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
@@ -122,16 +123,8 @@ def main(argv=None) -> int:
             print(f"rank {rank}: done", flush=True)
         step = None
         if args.step:
-            latents = torch.randn(2, 4, 32, 32, device=device, dtype=dtype)
-            cfg = pipe.unet.config
-            text = torch.randn(2, 77, cfg.cross_attention_dim, device=device, dtype=dtype)
+            latents, text, added = unet_inputs(pipe.unet.config, 32, 256, device, dtype)
             t_ = torch.tensor([500.0] * 2, device=device)
-            added = {}
-            if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids
-                pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-                added["added_cond_kwargs"] = {
-                    "text_embeds": torch.randn(2, pooled, device=device, dtype=dtype),
-                    "time_ids": torch.tensor([[256.0, 256, 0, 0, 256, 256]] * 2, device=device, dtype=dtype)}
             path = Path(tmp) / f"a{rows[-1][0]}.safetensors"
             with torch.no_grad():
                 call = lambda: pipe.unet(latents, t_, text, **added)  # noqa: E731

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import timeit  # noqa: E402  (bench/ is on sys.path when a bench script runs)
+from timing import timeit, unet_inputs  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 
 # graphs: the kernels backend with the pipeline's CUDA graphs (the UNet call replayed); kernels alone runs eagerly.
 IMPLS = ("kernels", "graphs", "torch", "reference", "diffusers")
@@ -95,21 +95,12 @@ def worker(args) -> dict:
     measure = lambda fn, repeat, warmup=1: timeit(fn, device, repeat, warmup=warmup)  # noqa: E731
     e2e_warmup = 1 if device == "cuda" else 0
     g = torch.Generator().manual_seed(1)
-    cross = unet.config.cross_attention_dim
     results = []
     for size in args.sizes:
         lat = size // pipe.vae_scale_factor
-        x = torch.randn(2, 4, lat, lat, generator=g).to(device, dtype)
-        text = torch.randn(2, 77, cross, generator=g).to(device, dtype)
+        x, text, added = unet_inputs(unet.config, lat, size, device, dtype, g)
         z = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
         t = torch.tensor(500, device=device)
-        added = {}
-        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text + 6 time ids
-            cfg = unet.config
-            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            added["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g).to(device, dtype),
-                                          "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * 2,
-                                                                   device=device, dtype=dtype)}
         z_vae = z.to(next(vae.parameters()).dtype)  # sdcore keeps SDXL's force_upcast VAE in float32
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
