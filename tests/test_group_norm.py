@@ -61,7 +61,7 @@ def test_vae_1024_output_block(device, channels_last):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,groups", [((3, 4, 9, 11), 2), ((1, 6, 1, 1), 3), ((5, 64, 97, 1), 8),
-                                          ((2, 30, 7, 13), 30), ((1, 64, 8, 8), 1)])
+                                          ((2, 30, 7, 13), 30), ((1, 64, 8, 8), 1), ((2, 96, 15, 20), 6)])
 def test_awkward_shapes(poisoned, device, dtype, channels_last, shape, groups):
     _run(shape, groups, device, dtype, channels_last=channels_last)
 
@@ -79,9 +79,12 @@ def test_channels_last_3d(poisoned, device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("affine", [False, True])
-def test_large_mean_small_variance(poisoned, device, affine):
-    # |mean| / std = 1e4: the naive E[x^2] - E[x]^2 in float32 loses every digit here.
-    _run((2, 64, 32, 32), 32, device, torch.float32, offset=1e4, affine=affine, silu=False)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 64, 32, 32), (2, 64, 400, 400)])
+def test_large_mean_small_variance(poisoned, device, affine, channels_last, shape):
+    # |mean| / std = 1e4: the naive E[x^2] - E[x]^2 in float32 loses every digit here. On the CPU the two
+    # shapes take channels_last's cache-local and global paths.
+    _run(shape, 32, device, torch.float32, offset=1e4, affine=affine, silu=False, channels_last=channels_last)
 
 
 @pytest.mark.parametrize("device", devices())

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <numeric>
 #include <vector>
 
 #include "../common/checks.h"
@@ -60,58 +62,121 @@ void group_norm_nchw(const GroupNormParams& p) {
   });
 }
 
-void group_norm_nhwc(const GroupNormParams& p) {
+// channels_last statistics are per-channel float sums over blocks of at most kPixels pixels, folded into double.
+constexpr int64_t kPixels = 256;
+
+// The affine of group g (channels c0 .. c0 + cg) of one image from its per-channel sums: cs[i] and cq[i] are
+// channel c0 + i's sums of (x - shift[i]) and its square over hw pixels, shift[i] its value at the image's
+// first pixel. The group's sums move to one shift k (its first channel's): for d = shift[i] - k that is exact
+// algebra in double, with no division per channel (a Welford merge per channel cost more than the whole pass
+// at 8x8 pixels).
+void group_affine_from_channel_sums(const GroupNormParams& p, int64_t c0, const float* shift, const double* cs,
+                                    const double* cq, ChannelAffine* out) {
+  const int64_t cg = p.channels / p.groups, hw = p.hw;
+  const double k = shift[0];
+  double gs = 0.0, gq = 0.0;
+  for (int64_t i = 0; i < cg; ++i) {
+    const double d = static_cast<double>(shift[i]) - k;
+    gs += cs[i] + hw * d;
+    gq += cq[i] + 2.0 * d * cs[i] + hw * d * d;
+  }
+  channel_affine(p, welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw)), c0, cg, out);
+}
+
+// Channels per task of the cache-local channels_last path, or 0 where the image is too large for it. A task
+// owns whole groups of one image (a multiple of 16 channels, so its rows are whole vectors) and makes both
+// passes over them while they are still in L2: statistics, then the apply. The global path instead reads the
+// whole tensor from memory twice.
+int64_t local_chunk(const GroupNormParams& p) {
+  constexpr int64_t kBytes = 512 << 10;  // half of a 1 MiB L2: the input block, with room for its output
+  const int64_t C = p.channels, unit = std::lcm(C / p.groups, int64_t{16});
+  if (C % unit != 0 || p.hw * unit * 4 > kBytes) return 0;
+  // Wider tasks mean longer rows per pixel, as long as every thread still gets two of them.
+  const int64_t threads = at::get_num_threads();
+  int64_t chunk = unit;
+  while (C % (2 * chunk) == 0 && p.hw * 2 * chunk * 4 <= kBytes && p.batch * (C / (2 * chunk)) >= 2 * threads) {
+    chunk *= 2;
+  }
+  return chunk;
+}
+
+void group_norm_nhwc_local(const GroupNormParams& p, int64_t chunk) {
+  const float* x = static_cast<const float*>(p.x);
+  float* y = static_cast<float*>(p.y);
+  const int64_t C = p.channels, cg = C / p.groups, hw = p.hw, chunks = C / chunk;
+  at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(chunk), cq(chunk);
+    std::vector<float> fs(chunk), fq(chunk), center(chunk), scale(chunk), shift(chunk);
+    std::vector<ChannelAffine> affine(chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, c0 = task % chunks * chunk;
+      const float* xb = x + b * hw * C;
+      std::fill(cs.begin(), cs.end(), 0.0);
+      std::fill(cq.begin(), cq.end(), 0.0);
+      for (int64_t p0 = 0; p0 < hw; p0 += kPixels) {
+        std::fill(fs.begin(), fs.end(), 0.0f);
+        std::fill(fq.begin(), fq.end(), 0.0f);
+        channel_sums(xb + p0 * C + c0, std::min(kPixels, hw - p0), chunk, C, xb + c0, fs.data(), fq.data());
+        for (int64_t i = 0; i < chunk; ++i) {
+          cs[i] += fs[i];
+          cq[i] += fq[i];
+        }
+      }
+      for (int64_t i = 0; i < chunk; i += cg) {
+        group_affine_from_channel_sums(p, c0 + i, xb + c0 + i, &cs[i], &cq[i], &affine[i]);
+      }
+      for (int64_t i = 0; i < chunk; ++i) {
+        center[i] = affine[i].center;
+        scale[i] = affine[i].scale;
+        shift[i] = affine[i].shift;
+      }
+      for (int64_t px = 0; px < hw; ++px) {
+        affine_act_channels(xb + px * C + c0, y + (b * hw + px) * C + c0, chunk, center.data(), scale.data(),
+                            shift.data(), p.silu);
+      }
+    }
+  });
+}
+
+void group_norm_nhwc_global(const GroupNormParams& p) {
   const float* x = static_cast<const float*>(p.x);
   float* y = static_cast<float*>(p.y);
   const int64_t C = p.channels, G = p.groups, cg = C / G, hw = p.hw;
-  // Pixels per partial-sum block: float sums over at most this many values, then folded into double.
-  constexpr int64_t kPixels = 256;
-  const int64_t blocks = (hw + kPixels - 1) / kPixels;
-  std::vector<ChannelAffine> affine(p.batch * C);
-
-  for (int64_t b = 0; b < p.batch; ++b) {
-    const float* xb = x + b * hw * C;
-    // Statistics: per-channel sums around that channel's first pixel, float over a block of pixels, then
-    // double across blocks, each thread over its own blocks.
-    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-    std::vector<double> s1(threads * C, 0.0), s2(threads * C, 0.0);
-    const float* shift0 = xb;  // first pixel: the shift for every channel's sums
-    at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
-      std::vector<float> sum(C), sumsq(C);
-      for (int64_t t = t_begin; t < t_end; ++t) {
-        for (int64_t blk = t; blk < blocks; blk += threads) {
-          const int64_t p0 = blk * kPixels, np = std::min(kPixels, hw - p0);
-          std::fill(sum.begin(), sum.end(), 0.0f);
-          std::fill(sumsq.begin(), sumsq.end(), 0.0f);
-          channel_sums(xb + p0 * C, np, C, shift0, sum.data(), sumsq.data());
-          for (int64_t c = 0; c < C; ++c) {
-            s1[t * C + c] += sum[c];
-            s2[t * C + c] += sumsq[c];
-          }
-        }
-      }
-    });
-    // A group's sums around one shift k (its first channel's): moving channel c's sums from its own shift
-    // by d = shift_c - k is exact algebra in double, with no division per channel (a Welford merge per
-    // channel cost more than the whole pass at 8x8 pixels).
-    for (int64_t g = 0; g < G; ++g) {
-      const double k = shift0[g * cg];
-      double gs = 0.0, gq = 0.0;
-      for (int64_t i = 0; i < cg; ++i) {
-        const int64_t c = g * cg + i;
-        double cs = 0.0, cq = 0.0;
-        for (int64_t t = 0; t < threads; ++t) {
-          cs += s1[t * C + c];
-          cq += s2[t * C + c];
-        }
-        const double d = static_cast<double>(shift0[c]) - k;
-        gs += cs + hw * d;
-        gq += cq + 2.0 * d * cs + hw * d * d;
-      }
-      channel_affine(p, welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw)), g * cg, cg,
-                     affine.data() + b * C + g * cg);
+  // Statistics tasks are (image, block of pixels, chunk of channels), so a thin image still gives every
+  // thread work.
+  constexpr int64_t kChunk = 256;
+  const int64_t blocks = (hw + kPixels - 1) / kPixels, chunks = (C + kChunk - 1) / kChunk;
+  // Per-channel partial sums of each (image, pixel block), each written by exactly one task.
+  std::unique_ptr<double[]> s1(new double[p.batch * blocks * C]), s2(new double[p.batch * blocks * C]);
+  at::parallel_for(0, p.batch * blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    float sum[kChunk], sumsq[kChunk];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bb = task / chunks, c0 = task % chunks * kChunk, nc = std::min(kChunk, C - c0);
+      const int64_t b = bb / blocks, p0 = bb % blocks * kPixels, np = std::min(kPixels, hw - p0);
+      const float* xb = x + b * hw * C;
+      std::fill(sum, sum + nc, 0.0f);
+      std::fill(sumsq, sumsq + nc, 0.0f);
+      // Around each channel's value at the image's first pixel, so large means don't cancel.
+      channel_sums(xb + p0 * C + c0, np, nc, C, xb + c0, sum, sumsq);
+      std::copy(sum, sum + nc, &s1[bb * C + c0]);
+      std::copy(sumsq, sumsq + nc, &s2[bb * C + c0]);
     }
-  }
+  });
+  std::vector<ChannelAffine> affine(p.batch * C);
+  at::parallel_for(0, p.batch * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(cg), cq(cg);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / G, c0 = bg % G * cg;
+      for (int64_t i = 0; i < cg; ++i) {
+        cs[i] = cq[i] = 0.0;
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          cs[i] += s1[(b * blocks + blk) * C + c0 + i];
+          cq[i] += s2[(b * blocks + blk) * C + c0 + i];
+        }
+      }
+      group_affine_from_channel_sums(p, c0, x + b * hw * C + c0, cs.data(), cq.data(), &affine[b * C + c0]);
+    }
+  });
 
   // Apply: one subtract and multiply-add (+ SiLU) per element, pixel rows in parallel.
   at::parallel_for(0, p.batch * hw, 64, [&](int64_t begin, int64_t end) {
@@ -131,6 +196,15 @@ void group_norm_nhwc(const GroupNormParams& p) {
       affine_act_channels(x + px * C, y + px * C, C, center.data(), scale.data(), shift.data(), p.silu);
     }
   });
+}
+
+void group_norm_nhwc(const GroupNormParams& p) {
+  const int64_t chunk = local_chunk(p);
+  if (chunk > 0) {
+    group_norm_nhwc_local(p, chunk);
+  } else {
+    group_norm_nhwc_global(p);
+  }
 }
 
 void group_norm_f32(const GroupNormParams& p) {

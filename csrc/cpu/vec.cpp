@@ -147,8 +147,8 @@ BODY void affine_act_channels_body(const float* x, float* y, int64_t channels, c
   }
 }
 
-BODY void channel_sums_body(const float* x, int64_t pixels, int64_t channels, const float* shift,
-                            float* sum, float* sumsq) {
+BODY void channel_sums_body(const float* x, int64_t pixels, int64_t channels, int64_t stride,
+                            const float* shift, float* sum, float* sumsq) {
   // Tiles of kTile channels, all pixels each, so the running sums stay in registers (4 + 4 vectors with
   // AVX-512) instead of a load and a store of sum[c] and sumsq[c] per element, which made channels_last
   // statistics 2-3x slower than NCHW's.
@@ -162,7 +162,7 @@ BODY void channel_sums_body(const float* x, int64_t pixels, int64_t channels, co
       sh[j] = shift[c0 + j];
     }
     for (int64_t p = 0; p < pixels; ++p) {
-      const float* row = x + p * channels + c0;
+      const float* row = x + p * stride + c0;
 #pragma omp simd
       for (int64_t j = 0; j < kTile; ++j) {
         const float d = row[j] - sh[j];
@@ -176,7 +176,7 @@ BODY void channel_sums_body(const float* x, int64_t pixels, int64_t channels, co
     }
   }
   for (int64_t p = 0; p < pixels && c0 < channels; ++p) {
-    const float* row = x + p * channels;
+    const float* row = x + p * stride;
 #pragma omp simd
     for (int64_t c = c0; c < channels; ++c) {
       const float d = row[c] - shift[c];
@@ -319,8 +319,9 @@ SDCORE_VARIANTS(void, affine_act_channels,
                  const float* shift, bool silu),
                 (x, y, channels, center, scale, shift, silu))
 SDCORE_VARIANTS(void, channel_sums,
-                (const float* x, int64_t pixels, int64_t channels, const float* shift, float* sum, float* sumsq),
-                (x, pixels, channels, shift, sum, sumsq))
+                (const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift, float* sum,
+                 float* sumsq),
+                (x, pixels, channels, stride, shift, sum, sumsq))
 SDCORE_VARIANTS(void, step_chunk,
                 (const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
                  const float* const* h, const float* z, float* out, float* state, int64_t n),
@@ -391,9 +392,9 @@ void affine_act_channels(const float* x, float* y, int64_t channels, const float
                          const float* shift, bool silu) {
   kernels().affine_act_channels(x, y, channels, center, scale, shift, silu);
 }
-void channel_sums(const float* x, int64_t pixels, int64_t channels, const float* shift, float* sum,
-                  float* sumsq) {
-  kernels().channel_sums(x, pixels, channels, shift, sum, sumsq);
+void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift,
+                  float* sum, float* sumsq) {
+  kernels().channel_sums(x, pixels, channels, stride, shift, sum, sumsq);
 }
 void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
                 const float* const* h, const float* z, float* out, float* state, int64_t n) {

@@ -30,9 +30,10 @@ void affine_act_rows(const float* x, float* y, int64_t rows, int64_t n, const fl
 // One channels_last pixel row: y[c] = act((x[c] - center[c]) * scale[c] + shift[c])
 void affine_act_channels(const float* x, float* y, int64_t channels, const float* center, const float* scale,
                          const float* shift, bool silu);
-// Per-channel sums over `pixels` rows of a channels_last block: sum[c] += x[p,c]-shift[c], sumsq[c] += (..)^2
-void channel_sums(const float* x, int64_t pixels, int64_t channels, const float* shift, float* sum,
-                  float* sumsq);
+// Per-channel sums over `pixels` rows (row p at x + p * stride) of `channels` channels_last values:
+// sum[c] += x[p,c]-shift[c], sumsq[c] += (..)^2
+void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift,
+                  float* sum, float* sumsq);
 // A denoising step over n elements (see StepCoeffs); cond is null without guidance (uncond is then the model
 // output), h[i]/z are zero-filled buffers where unused, state may be null.
 void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
