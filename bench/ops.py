@@ -64,6 +64,21 @@ def group_norm_cases(dev, dtype, quick):
                        fn=lambda x=x, w=w, b=b: ops.group_norm(x, 32, w, b, 1e-5, silu=True), reference_ok=True)
 
 
+def geglu_cases(dev, dtype, quick):
+    """The feed-forward's GEGLU layer (GEMM to 2F, then bias, GELU and gate) at the UNet's token counts: the
+    kernels run the epilogue as one pass, torch as three; the GEMM is the same on both sides."""
+    shapes = [("SD1 64x64", 2, 4096, 320), ("SD1 32x32", 2, 1024, 640), ("SD1 16x16", 2, 256, 1280),
+              ("SDXL 32x32", 2, 1024, 1280)]
+    if quick:
+        shapes = shapes[1:3]
+    for name, b, n, d in shapes:
+        x = torch.randn(b, n, d, device=dev, dtype=dtype)
+        w = torch.randn(8 * d, d, device=dev, dtype=dtype) * d ** -0.5
+        bias = torch.randn(8 * d, device=dev, dtype=dtype)
+        yield dict(op="geglu", shape=f"{name} {b}x{n}x{d} -> {4 * d}", flops=2 * b * n * d * 8 * d, bytes=None,
+                   fn=lambda x=x, w=w, bias=bias: ops.geglu(x, w, bias), reference_ok=True)
+
+
 def step_cases(dev, dtype, quick):
     cases = [("DDIM CFG", schedulers.ddim(0.3, 0.45), 1, 64), ("Euler-a CFG", schedulers.euler_ancestral(4.0, 3.1), 1, 64),
              ("DPM++2M CFG", schedulers.dpmpp_2m(4.0, 3.1, 5.0), 1, 64), ("DPM++2M CFG", schedulers.dpmpp_2m(4.0, 3.1, 5.0), 4, 96)]
@@ -86,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp32 on cpu, fp16 on cuda")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 5 cpu, 50 cuda)")
-    p.add_argument("--ops", default="attention,group_norm,scheduler_step", help="comma-separated subset")
+    p.add_argument("--ops", default="attention,group_norm,geglu,scheduler_step", help="comma-separated subset")
     p.add_argument("--quick", action="store_true", help="fewer, smaller attention and GroupNorm shapes")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     p.add_argument("--threads", type=int, default=None,
@@ -109,7 +124,8 @@ def main(argv=None) -> int:
                f"{sdcore._ext.build_info()['cpu_capability']} build, torch {torch.backends.cpu.get_cpu_capability()}")
     print(f"# sdcore bench/ops.py  device={dev} ({machine})  dtype={dtype}  torch={torch.__version__}  "
           f"median of {repeat}")
-    gens = {"attention": attention_cases, "group_norm": group_norm_cases, "scheduler_step": step_cases}
+    gens = {"attention": attention_cases, "group_norm": group_norm_cases, "geglu": geglu_cases,
+            "scheduler_step": step_cases}
     rows = []
     head = (f"{'op':<16} {'shape':<40} {'kernels ms':>11} {'torch ms':>10} {'reference ms':>13} {'speedup':>8} "
             f"{'kernels rate':>14}")

@@ -33,6 +33,15 @@ def main() -> int:
             err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
             bad += not err < 2e-2
             print(f"group_norm {dtype} {shape} nhwc={cl}: rel err {err:.2e}")
+        for shape, bias, stride in [((3, 5, 74), True, 74), ((2, 256), False, 256), ((4, 40), True, 56)]:
+            wide = torch.randn(*shape[:-1], stride, generator=g).to(dev, dtype)
+            hh = wide[..., :shape[-1]]  # rows `stride` apart (a slice of a wider GEMM output when stride > 2F)
+            b = torch.randn(shape[-1], generator=g).to(dev, dtype) if bias else None
+            out = torch.ops.sdcore.geglu(hh, b)
+            ref = reference.gated_gelu(hh.double(), None if b is None else b.double())
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            bad += not err < 2e-2
+            print(f"geglu {dtype} {shape} row stride {stride}: rel err {err:.2e}")
         c = schedulers.dpmpp_2m(4.0, 3.0, 5.0)
         x = torch.randn(1, 4, 7, 9, generator=g).to(dev, dtype)
         mo = torch.randn(2, 4, 7, 9, generator=g).to(dev, dtype)

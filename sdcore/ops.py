@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import _backend, _ext, reference
 from .step import StepCoefficients
 
-__all__ = ["attention", "group_norm", "scheduler_step", "kernels_reason"]
+__all__ = ["attention", "geglu", "group_norm", "scheduler_step", "kernels_reason"]
 
 
 def kernels_reason(*tensors: torch.Tensor) -> str | None:
@@ -107,6 +107,26 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     return reference.group_norm(x, num_groups, weight, bias, eps, silu=silu)
 
 
+def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The GEGLU layer of the UNet's feed-forward (Shazeer 2020): h = x @ weight.T + bias, split along its last
+    dim into [value, gate], gives value * gelu(gate) with the exact (erf) GELU. x: [..., in]; weight: [2F, in];
+    bias: [2F]; returns [..., F]. The kernels backend runs the GEMM without its bias, then the bias, the GELU
+    and the product in one pass (``torch.ops.sdcore.geglu``) instead of three."""
+    _check_tensor("geglu", "x", x)
+    _check_tensor("geglu", "weight", weight)
+    _check_tensor("geglu", "bias", bias, optional=True)
+    if weight.dim() != 2 or weight.shape[0] % 2 != 0:
+        raise ValueError(f"sdcore.geglu: weight must be [2F, in] with an even number of rows (value, then gate), "
+                         f"got shape {list(weight.shape)}")
+    backend = _pick("geglu", x, weight, bias)
+    if backend == "kernels":
+        return torch.ops.sdcore.geglu(F.linear(x, weight), bias)
+    if backend == "torch":
+        value, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+    return reference.geglu(x, weight, bias)
+
+
 def scheduler_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: StepCoefficients, *,
                    history=(), noise: torch.Tensor | None = None, guidance_scale: float | None = None,
                    return_state: bool = True):
@@ -181,6 +201,13 @@ if _ext.load_error() is None:
     def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
         _check_devices("group_norm", x=x, weight=weight, bias=bias)
         return torch.empty_like(x, memory_format=reference.memory_format_of(x))
+
+    @torch.library.register_fake("sdcore::geglu")
+    def _geglu_fake(h, bias=None):
+        _check_devices("geglu", h=h, bias=bias)
+        torch._check(h.dim() >= 1 and h.shape[-1] % 2 == 0,
+                     lambda: f"sdcore.geglu: the last dim of h must be even, got shape {list(h.shape)}")
+        return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
 
     @torch.library.register_fake("sdcore::scheduler_step")
     def _scheduler_step_fake(model_output, sample, coeffs, history, history_coeffs, noise=None,

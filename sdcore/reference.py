@@ -50,6 +50,23 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *,
     return y.to(x.dtype).contiguous(memory_format=fmt)
 
 
+def gated_gelu(h, bias=None):
+    """GEGLU after its GEMM: with h (+ bias) split along the last dim into [value, gate], value * gelu(gate),
+    GELU as x * Phi(x) = x / 2 * (1 + erf(x / sqrt(2)))."""
+    dtype = _compute_dtype(h.dtype)
+    hf = h.to(dtype)
+    if bias is not None:
+        hf = hf + bias.to(dtype)
+    value, gate = hf.chunk(2, dim=-1)
+    return (value * (gate / 2 * (1 + torch.erf(gate / math.sqrt(2))))).to(h.dtype)
+
+
+def geglu(x, weight, bias=None):
+    """The GEGLU layer: gated_gelu(x @ weight^T, bias)."""
+    dtype = _compute_dtype(x.dtype)
+    return gated_gelu(x.to(dtype) @ weight.to(dtype).t(), bias).to(x.dtype)
+
+
 def memory_format_of(x) -> torch.memory_format:
     """The layout group_norm keeps: channels_last(_3d) for such dense inputs, else contiguous (the same
     rule as prepare_group_norm in csrc/common/checks.cpp)."""

@@ -80,6 +80,22 @@ def _group_norm_case(shape, groups, eps, silu, channels_last, label, *, device, 
     return Case("group_norm", f"{label}: {desc}", run, ref)
 
 
+def _geglu_case(b, n, d, label, *, device, gen) -> Case:
+    x = torch.randn(b, n, d, generator=gen)
+    w = torch.randn(8 * d, d, generator=gen) * d ** -0.5
+    bias = torch.randn(8 * d, generator=gen)
+
+    def run(backend, dtype):
+        with use_backend(backend):
+            out = ops.geglu(x.to(device, dtype), w.to(device, dtype), bias.to(device, dtype))
+        return out.double().cpu()
+
+    def ref():
+        return reference.geglu(x.double(), w.double(), bias.double())
+
+    return Case("geglu", f"{label}: {b}x{n}x{d} -> {4 * d}", run, ref)
+
+
 def _step_case(name, coeffs, batch, hw, guidance, *, device, gen) -> Case:
     shape = (batch, 4, hw, hw)
     mo = torch.randn((2 * batch,) + shape[1:] if guidance else shape, generator=gen)
@@ -137,6 +153,8 @@ def sd_cases(device: str, quick: bool = False, seed: int = 0) -> list[Case]:
     if not quick:
         cases += [g((1, 256, 256, 256), 32, 1e-6, True, False, "VAE"),
                   g((1, 128, 512, 512), 32, 1e-6, True, True, "VAE")]
+    f = lambda *args: _geglu_case(*args, device=device, gen=gen)  # noqa: E731
+    cases += [f(2, 4096, 320, "SD1 down0 FF"), f(2, 256, 1280, "SD1 down2 FF"), f(2, 1024, 640, "SD2 down1 FF")]
     s = lambda *args: _step_case(*args, device=device, gen=gen)  # noqa: E731
     a_t, a_prev = 0.3, 0.45
     cases += [

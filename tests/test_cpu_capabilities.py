@@ -66,7 +66,17 @@ def _run(out: Path):
                                       1e-5, silu=True) for f in (torch.contiguous_format, torch.channels_last)]
     for q, k, v, causal in attn:
         results["attn"].append(ops.attention(q, k, v, causal=causal))
+    results["geglu"] = [torch.ops.sdcore.geglu(h, b) for h, b in _geglu_inputs()]
     torch.save(results, out)
+
+
+def _geglu_inputs():
+    """GEGLU rows of widths off and on the vector widths, the gate's special values among them."""
+    g = torch.Generator().manual_seed(1)
+    cases = [(torch.randn(5, 2 * f, generator=g) * 3, torch.randn(2 * f, generator=g)) for f in (1, 7, 16, 37, 80)]
+    special = torch.tensor(SPECIAL)
+    cases.append((torch.cat([torch.randn(1, len(SPECIAL), generator=g), special[None]], dim=1), None))
+    return cases
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +144,18 @@ def test_attention_every_build(outputs, cap):
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5,
                                    msg=lambda m: f"{cap} q{tuple(q.shape)} k{tuple(k.shape)} causal={causal}: {m}")
+
+
+@pytest.mark.parametrize("cap", CAPABILITIES)
+def test_geglu_every_build(outputs, cap):
+    for (h, b), y in zip(_geglu_inputs(), outputs[cap]["geglu"]):
+        value, gate = (h.double() + (0 if b is None else b.double())).chunk(2, dim=-1)
+        ref = value * F.gelu(gate)
+        # atol: 1e-6 of the largest output (the project's float32 rule is 1e-5): products of ~10 with gates
+        # near -4, where GELU's erf approximation is 4e-7 off, are off by a few 1e-6 in absolute terms.
+        atol = 1e-6 * float(ref[ref.isfinite()].abs().max())
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=atol, equal_nan=True,
+                                   msg=lambda m: f"{cap} h{tuple(h.shape)}: {m}")
 
 
 def test_info_names_the_build():

@@ -25,6 +25,14 @@ def _group_norm_samples(device):
     yield (mk(1, 16, 5, 7).bfloat16(), 16, mk(16).bfloat16(), None, 1e-5, True)
 
 
+def _geglu_samples(device):
+    g = torch.Generator().manual_seed(4)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    yield (mk(2, 9, 64), mk(64))
+    yield (mk(3, 40)[:, :10].half(), None)  # rows 40 apart
+    yield (mk(1, 7, 6).bfloat16(), mk(6).bfloat16())
+
+
 def _step_samples(device):
     g = torch.Generator().manual_seed(2)
     mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
@@ -36,7 +44,8 @@ def _step_samples(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("op,samples", [
-    ("attention", _attention_samples), ("group_norm", _group_norm_samples), ("scheduler_step", _step_samples)])
+    ("attention", _attention_samples), ("group_norm", _group_norm_samples), ("geglu", _geglu_samples),
+    ("scheduler_step", _step_samples)])
 def test_opcheck(device, op, samples):
     for args in samples(device):
         torch.library.opcheck(getattr(torch.ops.sdcore, op).default, args)

@@ -163,6 +163,57 @@ GroupNormCall prepare_group_norm(const at::Tensor& x_in, int64_t num_groups, con
   return c;
 }
 
+GegluCall prepare_geglu(const at::Tensor& h_in, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sdcore.geglu";
+  TORCH_CHECK(h_in.dim() >= 1, op, ": h must have at least one dim (its last holds value and gate), got a 0-D tensor");
+  DType dtype = dtype_of(h_in, op, "h");
+  const int64_t two_f = h_in.size(-1);
+  TORCH_CHECK(two_f % 2 == 0, op, ": the last dim of h must be even (the value half, then the gate half), got ",
+              two_f);
+  GegluCall c;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device() == h_in.device(), op, ": bias is on ", bias->device(), " but h is on ", h_in.device(),
+                "; all inputs must be on one device");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == two_f, op, ": bias must have shape [", two_f,
+                "] (the last dim of h), got ", bias->sizes());
+    dtype_of(*bias, op, "bias");
+    c.bias = bias->to(h_in.scalar_type()).contiguous();
+  }
+  // Rows with one stride and a contiguous last dim are read in place (a column slice of a wider GEMM output,
+  // a batch of them): every leading dim of size > 1 must step over whole rows of the dim after it.
+  bool rows_in_place = h_in.stride(-1) == 1 || two_f <= 1;
+  int64_t row_stride = two_f;
+  if (h_in.dim() >= 2) {
+    int64_t inner = -1;  // the innermost leading dim of size > 1
+    for (int64_t i = h_in.dim() - 2; i >= 0 && rows_in_place; --i) {
+      if (h_in.size(i) == 1) continue;
+      if (inner < 0) {
+        inner = i;
+        row_stride = h_in.stride(i);
+        rows_in_place = row_stride >= two_f;
+      } else {
+        rows_in_place = h_in.stride(i) == h_in.stride(inner) * h_in.size(inner);
+        inner = i;
+      }
+    }
+  }
+  c.h = rows_in_place ? h_in : h_in.contiguous();
+  if (!rows_in_place) row_stride = two_f;
+  std::vector<int64_t> out_shape = h_in.sizes().vec();
+  out_shape.back() = two_f / 2;
+  c.out = at::empty(out_shape, h_in.options());
+
+  GegluParams& p = c.p;
+  p.h = c.h.data_ptr();
+  p.bias = c.bias.defined() ? c.bias.data_ptr() : nullptr;
+  p.out = c.out.data_ptr();
+  p.features = two_f / 2;
+  p.rows = two_f == 0 ? 0 : c.h.numel() / two_f;
+  p.h_stride = row_stride;
+  p.dtype = dtype;
+  return c;
+}
+
 StepCall prepare_step(const at::Tensor& model_output, const at::Tensor& sample, c10::ArrayRef<double> coeffs,
                       at::TensorList history, c10::ArrayRef<double> history_coeffs,
                       const std::optional<at::Tensor>& noise, std::optional<double> guidance_scale,

@@ -23,6 +23,11 @@ struct GroupNormCall {
   GroupNormParams p;
 };
 
+struct GegluCall {
+  at::Tensor h, bias, out;
+  GegluParams p;
+};
+
 struct StepCall {
   at::Tensor model_output, sample, noise, out, state;
   std::vector<at::Tensor> history;
@@ -47,6 +52,8 @@ void mark_unseen_nonfinite_v(const AttentionCall& c);
 
 GroupNormCall prepare_group_norm(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias, double eps, bool silu);
+
+GegluCall prepare_geglu(const at::Tensor& h, const std::optional<at::Tensor>& bias);
 
 StepCall prepare_step(const at::Tensor& model_output, const at::Tensor& sample, c10::ArrayRef<double> coeffs,
                       at::TensorList history, c10::ArrayRef<double> history_coeffs,

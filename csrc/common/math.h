@@ -80,6 +80,31 @@ SDCORE_HD float online_softmax_rescale(float& running_max, float& running_sum, f
 
 SDCORE_HD float silu(float x) { return x / (1.0f + expf(-x)); }
 
+// erf(x) for float: the odd/even rational approximation x * P(x^2) / Q(x^2) on [-4, 4] that Eigen and XLA
+// use for float (|error| < 4.2e-7 on a dense grid; beyond +-4, erf is +-1 in float). Branch-free, so the
+// CPU loops that call it vectorize; NaN stays NaN (both comparisons are false).
+SDCORE_HD float erf_rational(float x) {
+  x = x < -4.0f ? -4.0f : (x > 4.0f ? 4.0f : x);
+  const float x2 = x * x;
+  float p = -2.72614225801306e-10f;
+  p = p * x2 + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  float q = -1.45660718464996e-05f;
+  q = q * x2 + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// The exact (erf) GELU, x * Phi(x), as F.gelu's default: +inf -> +inf; -inf -> NaN (-inf * 0, as the float64
+// formula gives), NaN -> NaN.
+SDCORE_HD float gelu(float x) { return 0.5f * x * (1.0f + erf_rational(x * 0.70710678118654752f)); }
+
 // Classifier-free guidance: uncond + g * (cond - uncond).
 SDCORE_HD float guide(float uncond, float cond, float g) { return uncond + g * (cond - uncond); }
 

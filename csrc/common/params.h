@@ -46,6 +46,17 @@ struct GroupNormParams {
   int64_t workspace_bytes = 0;
 };
 
+// GEGLU after its projection's GEMM (run without bias): out[r, j] = (h[r, j] + bias[j]) * gelu(h[r, F + j] +
+// bias[F + j]) for rows r < rows and j < F = features. h's rows are h_stride elements apart, each contiguous;
+// out is a contiguous [rows, F]. bias (2F values, in h's dtype, so there is no conversion launch) may be null.
+struct GegluParams {
+  const void* h;
+  const void* bias;
+  void* out;
+  int64_t rows, features, h_stride;
+  DType dtype;
+};
+
 constexpr int kMaxStepHistory = 4;
 
 // The scalar coefficients of one denoising step; the scheduler computes them on the host in float64.

@@ -186,6 +186,18 @@ BODY void channel_sums_body(const float* x, int64_t pixels, int64_t channels, in
   }
 }
 
+BODY void geglu_row_body(const float* h, const float* bias, float* out, int64_t f) {
+  const float* gate = h + f;
+  if (bias != nullptr) {
+    const float* gate_bias = bias + f;
+#pragma omp simd
+    for (int64_t j = 0; j < f; ++j) out[j] = (h[j] + bias[j]) * gelu(gate[j] + gate_bias[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < f; ++j) out[j] = h[j] * gelu(gate[j]);
+  }
+}
+
 namespace {
 
 // The step over n elements. Without guidance m is the model output itself: guide(u, u, 1) = u + (u - u)
@@ -322,6 +334,7 @@ SDCORE_VARIANTS(void, channel_sums,
                 (const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift, float* sum,
                  float* sumsq),
                 (x, pixels, channels, stride, shift, sum, sumsq))
+SDCORE_VARIANTS(void, geglu_row, (const float* h, const float* bias, float* out, int64_t f), (h, bias, out, f))
 SDCORE_VARIANTS(void, step_chunk,
                 (const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
                  const float* const* h, const float* z, float* out, float* state, int64_t n),
@@ -337,12 +350,14 @@ struct Kernels {
   decltype(&affine_act_rows_default) affine_act_rows;
   decltype(&affine_act_channels_default) affine_act_channels;
   decltype(&channel_sums_default) channel_sums;
+  decltype(&geglu_row_default) geglu_row;
   decltype(&step_chunk_default) step_chunk;
 };
 
 #define SDCORE_KERNELS(ISA) \
   {#ISA, row_max_##ISA, exp_sub_sum_##ISA, scale_row_##ISA, all_finite_##ISA, shifted_sums_##ISA, \
-   affine_act_rows_##ISA, affine_act_channels_##ISA, channel_sums_##ISA, step_chunk_##ISA}
+   affine_act_rows_##ISA, affine_act_channels_##ISA, channel_sums_##ISA, geglu_row_##ISA, \
+   step_chunk_##ISA}
 
 // The best build this CPU runs, capped by SDCORE_CPU_CAPABILITY (default | avx2 | avx512, like ATen's
 // ATEN_CPU_CAPABILITY), so tests and benchmarks can run the lower builds on a machine with AVX-512.
@@ -396,6 +411,7 @@ void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stri
                   float* sum, float* sumsq) {
   kernels().channel_sums(x, pixels, channels, stride, shift, sum, sumsq);
 }
+void geglu_row(const float* h, const float* bias, float* out, int64_t f) { kernels().geglu_row(h, bias, out, f); }
 void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
                 const float* const* h, const float* z, float* out, float* state, int64_t n) {
   kernels().step_chunk(c, x, uncond, cond, guidance, h, z, out, state, n);

@@ -34,6 +34,8 @@ void affine_act_channels(const float* x, float* y, int64_t channels, const float
 // sum[c] += x[p,c]-shift[c], sumsq[c] += (..)^2
 void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift,
                   float* sum, float* sumsq);
+// One GEGLU row (see GegluParams): out[j] = (h[j] + bias[j]) * gelu(h[f + j] + bias[f + j]), j < f; bias may be null
+void geglu_row(const float* h, const float* bias, float* out, int64_t f);
 // A denoising step over n elements (see StepCoeffs); cond is null without guidance (uncond is then the model
 // output), h[i]/z are zero-filled buffers where unused, state may be null.
 void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,

@@ -15,6 +15,7 @@ cudaError_t group_norm(const GroupNormParams& p, cudaStream_t stream);
 // The device workspace group_norm needs for ``p`` (its shape, dtype, layout and pointers' alignment), in bytes;
 // the caller sets p.workspace / p.workspace_bytes to at least that much. 0 when none is needed.
 int64_t group_norm_workspace_bytes(const GroupNormParams& p);
+cudaError_t geglu(const GegluParams& p, cudaStream_t stream);
 cudaError_t scheduler_step(const StepParams& p, cudaStream_t stream);
 
 }  // namespace cuda

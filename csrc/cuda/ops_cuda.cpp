@@ -38,6 +38,13 @@ at::Tensor group_norm_cuda(const at::Tensor& x, int64_t num_groups, const std::o
   return c.y;
 }
 
+at::Tensor geglu_cuda(const at::Tensor& h, const std::optional<at::Tensor>& bias) {
+  c10::cuda::CUDAGuard guard(h.device());
+  GegluCall c = prepare_geglu(h, bias);
+  C10_CUDA_CHECK(cuda::geglu(c.p, stream_for(h)));
+  return c.out;
+}
+
 std::tuple<at::Tensor, at::Tensor> scheduler_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
                                                        at::ArrayRef<double> coeffs, at::TensorList history,
                                                        at::ArrayRef<double> history_coeffs,
@@ -56,5 +63,6 @@ std::tuple<at::Tensor, at::Tensor> scheduler_step_cuda(const at::Tensor& model_o
 TORCH_LIBRARY_IMPL(sdcore, CUDA, m) {
   m.impl("attention", &sdcore::attention_cuda);
   m.impl("group_norm", &sdcore::group_norm_cuda);
+  m.impl("geglu", &sdcore::geglu_cuda);
   m.impl("scheduler_step", &sdcore::scheduler_step_cuda);
 }
