@@ -201,3 +201,26 @@ def test_numpy_scalars_are_accepted():
     x = torch.randn(1, 4, 2, 2)
     out = ops.group_norm(x, np.int64(2), eps=np.float32(1e-5))
     assert torch.allclose(out, F.group_norm(x, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,channels_last", [((2, 64, 9, 11), False), ((2, 64, 9, 11), True),
+                                                 ((1, 128, 96, 96), False), ((1, 128, 96, 96), True)])
+def test_weight_in_the_input_dtype_or_float32(poisoned, device, dtype, shape, channels_last):
+    """Weight and bias in x's dtype are read as they are (no conversion launch); float32 ones, or a mix, are
+    read as float32. Half values convert to float32 exactly, so every combination gives bitwise one result."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=g).to(device, dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], generator=g).to(device, dtype)
+    b = torch.randn(shape[1], generator=g).to(device, dtype)
+    want = ops.group_norm(x, 32, w.float(), b.float(), 1e-5, silu=True)
+    for wi, bi in ((w, b), (w, b.float()), (w.float(), b), (w, None), (None, b)):
+        got = ops.group_norm(x, 32, wi, bi, 1e-5, silu=True)
+        same = ops.group_norm(x, 32, None if wi is None else wi.float(), None if bi is None else bi.float(), 1e-5,
+                              silu=True)
+        assert torch.equal(got, same), (wi is None or wi.dtype, bi is None or bi.dtype)
+        if wi is not None and bi is not None:
+            assert torch.equal(got, want)

@@ -127,12 +127,20 @@ GroupNormCall prepare_group_norm(const at::Tensor& x_in, int64_t num_groups, con
     TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape [", C, "] (one per channel), got ",
                 t->sizes());
     dtype_of(*t, op, name);
-    return t->to(at::kFloat).contiguous();
+    return *t;
   };
 
   GroupNormCall c;
-  c.gamma = affine(weight, "weight");
-  c.beta = affine(bias, "bias");
+  at::Tensor gamma = affine(weight, "weight"), beta = affine(bias, "bias");
+  // Both in x's dtype (a model's case): read as they are. Otherwise both as float32, which every one of
+  // the three dtypes converts to exactly.
+  const auto in_x_dtype = [&](const at::Tensor& t) { return !t.defined() || t.scalar_type() == x_in.scalar_type(); };
+  const bool as_x = in_x_dtype(gamma) && in_x_dtype(beta);
+  const auto as_read = [&](const at::Tensor& t) {
+    return t.defined() ? t.to(as_x ? x_in.scalar_type() : at::kFloat).contiguous() : t;
+  };
+  c.gamma = as_read(gamma);
+  c.beta = as_read(beta);
 
   bool channels_last = false;
   if (x_in.is_contiguous()) {
@@ -150,8 +158,9 @@ GroupNormCall prepare_group_norm(const at::Tensor& x_in, int64_t num_groups, con
   GroupNormParams& p = c.p;
   p.x = c.x.data_ptr();
   p.y = c.y.data_ptr();
-  p.gamma = c.gamma.defined() ? c.gamma.data_ptr<float>() : nullptr;
-  p.beta = c.beta.defined() ? c.beta.data_ptr<float>() : nullptr;
+  p.gamma = c.gamma.defined() ? c.gamma.data_ptr() : nullptr;
+  p.beta = c.beta.defined() ? c.beta.data_ptr() : nullptr;
+  p.affine_float32 = !as_x || dtype == DType::kFloat32;
   p.batch = B;
   p.channels = C;
   p.hw = c.x.numel() / (B * C);

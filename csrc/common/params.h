@@ -33,8 +33,11 @@ struct AttentionParams {
 struct GroupNormParams {
   const void* x;
   void* y;
-  const float* gamma;
-  const float* beta;
+  // Per-channel weight and bias, [C] or null: float32 when affine_float32, else in x's dtype (a model's own
+  // weights, read as they are: no conversion launch per call).
+  const void* gamma;
+  const void* beta;
+  bool affine_float32;
   int64_t batch, channels, hw, groups;
   float eps;
   bool silu;

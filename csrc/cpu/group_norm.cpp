@@ -28,12 +28,15 @@ struct ChannelAffine {
 };
 
 void channel_affine(const GroupNormParams& p, const Welford<double>& w, int64_t c0, int64_t cg, ChannelAffine* out) {
+  // The CPU computes in float32 (half inputs run on float32 copies), so weight and bias are float32 here.
+  const float* gamma = static_cast<const float*>(p.gamma);
+  const float* beta_p = static_cast<const float*>(p.beta);
   const double rstd = 1.0 / std::sqrt(w.variance() + static_cast<double>(p.eps));
   const float center = static_cast<float>(w.mean);
   const double rest = w.mean - static_cast<double>(center);
   for (int64_t i = 0; i < cg; ++i) {
-    const double scale = rstd * (p.gamma ? p.gamma[c0 + i] : 1.0);
-    const double beta = p.beta ? p.beta[c0 + i] : 0.0;
+    const double scale = rstd * (gamma ? gamma[c0 + i] : 1.0);
+    const double beta = beta_p ? beta_p[c0 + i] : 0.0;
     out[i] = {center, static_cast<float>(scale), static_cast<float>(group_norm_shift(beta, rest, scale))};
   }
 }
@@ -208,6 +211,7 @@ void group_norm_nhwc(const GroupNormParams& p) {
 }
 
 void group_norm_f32(const GroupNormParams& p) {
+  TORCH_INTERNAL_ASSERT(p.affine_float32, "sdcore.group_norm: the CPU kernels read float32 weight and bias");
   if (p.channels_last) {
     group_norm_nhwc(p);
   } else {

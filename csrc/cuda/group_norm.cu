@@ -97,6 +97,14 @@ __device__ __forceinline__ void group_coefs(double mean, double var, float eps, 
   rstd = static_cast<float>(rsqrt(var + static_cast<double>(eps)));
 }
 
+// Channel c's weight or bias (see GroupNormParams), `absent` when there is none. The branch on the dtype is
+// uniform across the grid; each block reads a group's cpg values once.
+template <typename T>
+__device__ __forceinline__ float affine_value(const void* p, int64_t c, bool f32, float absent) {
+  if (p == nullptr) return absent;
+  return f32 ? static_cast<const float*>(p)[c] : to_float(static_cast<const T*>(p)[c]);
+}
+
 // Partial statistics of one chunk of a group.
 struct Partial {
   double mean, m2, count;
@@ -108,8 +116,9 @@ template <typename T>
 struct FusedArgs {
   const T* x;
   T* y;
-  const float* gamma;  // [C] or null
-  const float* beta;   // [C] or null
+  const void* gamma;  // [C] or null, float32 or T (see GroupNormParams)
+  const void* beta;   // [C] or null
+  bool affine_f32;
   int64_t C;
   int HW;
   int G;
@@ -221,8 +230,8 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 2) gn_fused_kernel(const Fus
   group_coefs(mean, var, a.eps, mhi, mlo, rstd);
   for (int i = tid; i < a.cpg; i += nthr) {
     const int64_t c = static_cast<int64_t>(g) * a.cpg + i;
-    const float ga = a.gamma != nullptr ? a.gamma[c] : 1.0f;
-    const float be = a.beta != nullptr ? a.beta[c] : 0.0f;
+    const float ga = affine_value<T>(a.gamma, c, a.affine_f32, 1.0f);
+    const float be = affine_value<T>(a.beta, c, a.affine_f32, 0.0f);
     const float sc = ga * rstd;
     s_scale[i] = sc;
     s_shift[i] = group_norm_shift(be, mlo, sc);
@@ -422,13 +431,15 @@ struct FinalizeArgs {
   float* mhi;    // [B*C]
   float* scale;  // [B*C]
   float* shift;  // [B*C]
-  const float* gamma;
-  const float* beta;
+  const void* gamma;  // [C] or null, float32 or T (see GroupNormParams)
+  const void* beta;
+  bool affine_f32;
   int64_t C;
   int G, cpg, KT;
   float eps;
 };
 
+template <typename T>
 __global__ void __launch_bounds__(kSplitThreads) gn_finalize_kernel(const FinalizeArgs a) {
   __shared__ double s_mean[kSplitThreads], s_m2[kSplitThreads], s_cnt[kSplitThreads];
   const int tid = threadIdx.x;
@@ -459,8 +470,8 @@ __global__ void __launch_bounds__(kSplitThreads) gn_finalize_kernel(const Finali
   const int g = grp - b * a.G;
   for (int i = tid; i < a.cpg; i += kSplitThreads) {
     const int64_t c = static_cast<int64_t>(g) * a.cpg + i;
-    const float ga = a.gamma != nullptr ? a.gamma[c] : 1.0f;
-    const float be = a.beta != nullptr ? a.beta[c] : 0.0f;
+    const float ga = affine_value<T>(a.gamma, c, a.affine_f32, 1.0f);
+    const float be = affine_value<T>(a.beta, c, a.affine_f32, 0.0f);
     const float sc = ga * rstd;
     const int64_t bc = static_cast<int64_t>(b) * a.C + c;
     a.mhi[bc] = mhi;
@@ -745,6 +756,7 @@ cudaError_t try_fused(const GroupNormParams& p, const DeviceInfo& d, cudaStream_
     a.y = static_cast<T*>(p.y);
     a.gamma = p.gamma;
     a.beta = p.beta;
+    a.affine_f32 = p.affine_float32;
     a.C = C;
     a.HW = static_cast<int>(HW);
     a.G = static_cast<int>(G);
@@ -916,12 +928,13 @@ cudaError_t run_split(const GroupNormParams& p, cudaStream_t stream) {
     f.shift = shift;
     f.gamma = p.gamma;
     f.beta = p.beta;
+    f.affine_f32 = p.affine_float32;
     f.C = C;
     f.G = static_cast<int>(G);
     f.cpg = static_cast<int>(cpg);
     f.KT = static_cast<int>(KT);
     f.eps = p.eps;
-    gn_finalize_kernel<<<static_cast<unsigned>(NG), kSplitThreads, 0, stream>>>(f);
+    gn_finalize_kernel<T><<<static_cast<unsigned>(NG), kSplitThreads, 0, stream>>>(f);
     err = cudaGetLastError();
   }
 
