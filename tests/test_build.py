@@ -29,6 +29,14 @@ def test_cuda_kernels_are_built_when_a_toolkit_is_present():
     assert info["cuda_archs"], "the build must record its CUDA archs"
 
 
+def test_generated_attention_instances_match_a_fresh_run():
+    """The checked-in instantiation files are what tools/gen_attention_instances.py writes now (none missing,
+    edited or stale), so the build never needs the script and the script can't drift from the build."""
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_attention_instances.py"), "--check"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def test_build_records_the_torch_it_compiled_against():
     # setup.py writes the record next to the library; sdcore/_ext.py reads it before loading the library.
     record = _ext._read_build_config()

@@ -1,5 +1,5 @@
 // sdcore::cuda::attention: picks the kernel for the dtype and head dim (see attention_kernel.cuh). The
-// kernels themselves are instantiated in attention_<dtype>_d<dp>.cu and attention_simt.cu.
+// kernels themselves are instantiated in the generated attention_<dtype>_d<dp>.cu and attention_simt.cu.
 #include <climits>
 
 #include "attention_launch.cuh"
@@ -11,16 +11,14 @@ namespace {
 
 template <typename T>
 cudaError_t run_tensor_core(const attn::FlashArgs& a, cudaStream_t stream) {
+#define SDCORE_ATTN_CASE(DP) \
+  case DP:                   \
+    return attn::run_flash<T, DP>(a, stream);
   switch (attn::padded_head_dim(a.d)) {
-    case 32: return attn::run_flash<T, 32>(a, stream);
-    case 48: return attn::run_flash<T, 48>(a, stream);
-    case 64: return attn::run_flash<T, 64>(a, stream);
-    case 80: return attn::run_flash<T, 80>(a, stream);
-    case 128: return attn::run_flash<T, 128>(a, stream);
-    case 160: return attn::run_flash<T, 160>(a, stream);
-    case 256: return attn::run_flash<T, 256>(a, stream);
-    default: return attn::run_flash<T, 512>(a, stream);
+    SDCORE_ATTN_FOR_EACH_HEAD_DIM(SDCORE_ATTN_CASE)
+    default: return cudaErrorInvalidValue;  // padded_head_dim returns a listed dim for every D <= kMaxHeadDim
   }
+#undef SDCORE_ATTN_CASE
 }
 
 }  // namespace

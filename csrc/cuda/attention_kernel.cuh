@@ -249,6 +249,43 @@ __device__ __forceinline__ void store_tile(uint16_t* g, int64_t stride, const ui
   }
 }
 
+// S = Q K^T for one warp's tile, in the mma accumulator layout: kMT 16-row m-tiles from shared Q row q_row0 and
+// kNT 8-key n-tiles from shared K row k_row0 (both tiles with row pitch kDp + 8), over the kDp / 16 k-steps.
+// Both tensor-core kernels call it (kUnrollKS: how many k-steps each keeps in flight).
+template <typename T, int kDp, int kMT, int kNT, int kUnrollKS>
+__device__ __forceinline__ void qk_tile(float (&s)[kMT][kNT][4], const uint16_t* sQ, const uint16_t* sK, int q_row0,
+                                        int k_row0, int lane) {
+  constexpr int kLd = kDp + 8;
+  static_assert(kNT % 2 == 0, "K fragments are loaded 16 keys at a time");
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.0f;
+    }
+  }
+#pragma unroll kUnrollKS
+  for (int ks = 0; ks < kDp / 16; ++ks) {
+    uint32_t qa[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      ldmatrix_x4(qa[mt], sQ + (q_row0 + mt * 16 + (lane & 15)) * kLd + ks * 16 + (lane >> 4) * 8);
+    }
+#pragma unroll
+    for (int np = 0; np < kNT / 2; ++np) {
+      // matrices: (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15)
+      uint32_t kb[4];
+      ldmatrix_x4(kb, sK + (k_row0 + np * 16 + ((lane >> 4) << 3) + (lane & 7)) * kLd + ks * 16 + (lane & 8));
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16816<T>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+        mma_16816<T>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------- register (FA2) kernel
 
 template <typename T, int kDp, int kWarps, int kMT, int kBc>
@@ -256,7 +293,6 @@ __global__ void __launch_bounds__(kWarps * 32) flash_reg_kernel(const FlashArgs 
   constexpr int kThreads = kWarps * 32;
   constexpr int kBr = kWarps * kMT * 16;
   constexpr int kLd = kDp + 8;
-  constexpr int kKS = kDp / 16;  // k-steps of S = Q K^T
   constexpr int kNT = kBc / 8;   // 8-key n-tiles of S
   constexpr int kDT = kDp / 8;   // 8-column n-tiles of O
   static_assert(kDp % 16 == 0 && kBc % 16 == 0, "tiles must be multiples of 16");
@@ -311,34 +347,7 @@ __global__ void __launch_bounds__(kWarps * 32) flash_reg_kernel(const FlashArgs 
     const bool active = !causal || kv0 <= w_last;
     float s[kMT][kNT][4];
     if (active) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.0f;
-        }
-      }
-      // S = Q K^T
-#pragma unroll 2
-      for (int ks = 0; ks < kKS; ++ks) {
-        uint32_t qa[kMT][4];
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          ldmatrix_x4(qa[mt], sQ + (wr0 + mt * 16 + (lane & 15)) * kLd + ks * 16 + (lane >> 4) * 8);
-        }
-#pragma unroll
-        for (int np = 0; np < kNT / 2; ++np) {
-          // matrices: (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15)
-          uint32_t kb[4];
-          ldmatrix_x4(kb, sK + (np * 16 + ((lane >> 4) << 3) + (lane & 7)) * kLd + ks * 16 + (lane & 8));
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            mma_16816<T>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
-            mma_16816<T>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
-          }
-        }
-      }
+      qk_tile<T, kDp, kMT, kNT, 2>(s, sQ, sK, wr0, 0, lane);
       // Scale into the exp2 domain; -inf for keys >= M and (causal) keys after the row.
       const bool need_mask = kv0 + kBc > M || (causal && kv0 + kBc - 1 > q0 + wr0);
 #pragma unroll
@@ -449,7 +458,6 @@ template <typename T, int kDp, int kBr, int kBc, int kWarps, int kSWM, int kOWM>
 __global__ void __launch_bounds__(kWarps * 32, 1) flash_split_kernel(const FlashArgs a) {
   constexpr int kThreads = kWarps * 32;
   constexpr int kLd = kDp + 8, kLdP = kBc + 8;
-  constexpr int kKS = kDp / 16;
   constexpr int kSWN = kWarps / kSWM;  // S: warps split rows kSWM ways and keys kSWN ways
   constexpr int kMTs = kBr / 16 / kSWM;
   constexpr int kNTs = kBc / 8 / kSWN;
@@ -513,32 +521,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) flash_split_kernel(const Flash
 
     // S tile of this warp: rows sr0 + [0, 16 kMTs), keys sc0 + [0, 8 kNTs).
     float s[kMTs][kNTs][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTs; ++mt) {
-#pragma unroll
-      for (int nt = 0; nt < kNTs; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.0f;
-      }
-    }
-#pragma unroll 4
-    for (int ks = 0; ks < kKS; ++ks) {
-      uint32_t qa[kMTs][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTs; ++mt) {
-        ldmatrix_x4(qa[mt], sQ + (sr0 + mt * 16 + (lane & 15)) * kLd + ks * 16 + (lane >> 4) * 8);
-      }
-#pragma unroll
-      for (int np = 0; np < kNTs / 2; ++np) {
-        uint32_t kb[4];
-        ldmatrix_x4(kb, sK + (sc0 + np * 16 + ((lane >> 4) << 3) + (lane & 7)) * kLd + ks * 16 + (lane & 8));
-#pragma unroll
-        for (int mt = 0; mt < kMTs; ++mt) {
-          mma_16816<T>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
-          mma_16816<T>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
-        }
-      }
-    }
+    qk_tile<T, kDp, kMTs, kNTs, 4>(s, sQ, sK, sr0, sc0, lane);
     const bool need_mask = kv0 + kBc > M || (causal && kv0 + kBc - 1 > q0);
 #pragma unroll
     for (int mt = 0; mt < kMTs; ++mt) {

@@ -1,12 +1,13 @@
 // Host-side launchers of the attention kernels. run_flash<T, kDp> is explicitly instantiated once per
-// (dtype, padded head dim) in attention_<dtype>_d<dp>.cu and run_simt<T> in attention_simt.cu, so ninja
-// compiles them in parallel; every other file sees only the extern declarations at the bottom.
+// (dtype, padded head dim) in the generated attention_<dtype>_d<dp>.cu and run_simt<T> in attention_simt.cu, so
+// ninja compiles them in parallel; every other file sees only the extern declarations at the bottom.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <climits>
 
+#include "attention_instances.h"
 #include "attention_kernel.cuh"
 
 namespace sdcore {
@@ -87,23 +88,16 @@ cudaError_t run_flash(FlashArgs a, cudaStream_t stream) {
   }
 }
 
-#define SDCORE_ATTN_EXTERN_FLASH(T, DP) extern template cudaError_t run_flash<T, DP>(FlashArgs, cudaStream_t);
-#define SDCORE_ATTN_EXTERN_DTYPE(T)                                                                        \
-  SDCORE_ATTN_EXTERN_FLASH(T, 32)                                                                           \
-  SDCORE_ATTN_EXTERN_FLASH(T, 48)                                                                           \
-  SDCORE_ATTN_EXTERN_FLASH(T, 64)                                                                           \
-  SDCORE_ATTN_EXTERN_FLASH(T, 80)                                                                           \
-  SDCORE_ATTN_EXTERN_FLASH(T, 128)                                                                          \
-  SDCORE_ATTN_EXTERN_FLASH(T, 160)                                                                          \
-  SDCORE_ATTN_EXTERN_FLASH(T, 256)                                                                          \
-  SDCORE_ATTN_EXTERN_FLASH(T, 512)
-SDCORE_ATTN_EXTERN_DTYPE(__half)
-SDCORE_ATTN_EXTERN_DTYPE(__nv_bfloat16)
+// Every (dtype, padded head dim) has its instantiation file (tools/gen_attention_instances.py writes them
+// with the list these macros expand).
+#define SDCORE_ATTN_EXTERN_FLASH(DP) SDCORE_ATTN_EXTERN_FLASH_T(__half, DP) SDCORE_ATTN_EXTERN_FLASH_T(__nv_bfloat16, DP)
+#define SDCORE_ATTN_EXTERN_FLASH_T(T, DP) extern template cudaError_t run_flash<T, DP>(FlashArgs, cudaStream_t);
+SDCORE_ATTN_FOR_EACH_HEAD_DIM(SDCORE_ATTN_EXTERN_FLASH)
+#undef SDCORE_ATTN_EXTERN_FLASH_T
+#undef SDCORE_ATTN_EXTERN_FLASH
 extern template cudaError_t run_simt<float>(FlashArgs, cudaStream_t);
 extern template cudaError_t run_simt<__half>(FlashArgs, cudaStream_t);
 extern template cudaError_t run_simt<__nv_bfloat16>(FlashArgs, cudaStream_t);
-#undef SDCORE_ATTN_EXTERN_DTYPE
-#undef SDCORE_ATTN_EXTERN_FLASH
 
 }  // namespace attn
 }  // namespace cuda
