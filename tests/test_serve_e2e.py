@@ -184,7 +184,7 @@ def test_load_50_concurrent_requests_against_a_queue_of_8():
 
 def test_sigterm_finishes_the_running_job_refuses_new_ones_and_exits(server):
     """Last: it ends the module's server."""
-    job = server.start("txt2img", prompt="a cat", steps=20, width=64, height=64, seed=5)
+    job = server.start("txt2img", prompt="a cat", steps=150, width=64, height=64, seed=5)
     server.wait(running)
     queued = server.start("txt2img", prompt="a dog", **FAST)
     server.wait(lambda q: q["state"]["queued"] == 1)
