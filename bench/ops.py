@@ -3,7 +3,8 @@
     python bench/ops.py --device cpu            # fp32 on the CPU
     python bench/ops.py --device cuda --json out.json   # fp16 on the GPU, numbers also as JSON
 
-Median of repeats after warm-up; CUDA times come from CUDA events. `speedup` = torch time / kernels time.
+Median of repeats after warm-up (on the CPU, kernels and torch alternate for --rounds rounds and the median
+of the rounds' medians is shown); CUDA times come from CUDA events. `speedup` = torch time / kernels time.
 GB/s counts the bytes an op must move (inputs read once, outputs written once); GFLOP/s counts 4*N*M*D
 per head for attention (half that when causal).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp32 on cpu, fp16 on cuda")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 5 cpu, 50 cuda)")
     p.add_argument("--ops", default="attention,group_norm,geglu,scheduler_step", help="comma-separated subset")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="kernels/torch alternations per case, median of their medians (default 3 cpu, 1 cuda)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller attention and GroupNorm shapes")
     p.add_argument("--json", type=Path, help="also write the numbers here")
     p.add_argument("--threads", type=int, default=None,
@@ -116,6 +120,7 @@ def main(argv=None) -> int:
         p.error("--device cuda but torch sees no CUDA device")
     dtype = DTYPES[args.dtype or ("fp32" if dev == "cpu" else "fp16")]
     repeat = args.repeat or (5 if dev == "cpu" else 50)
+    rounds = args.rounds or (3 if dev == "cpu" else 1)
     torch.manual_seed(0)
     # Both sides' CPU builds: sdcore's (SDCORE_CPU_CAPABILITY caps it) and ATen's (ATEN_CPU_CAPABILITY caps it),
     # so an AVX2-core comparison can be run on an AVX-512 machine by capping both.
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, sdcore "
                f"{sdcore._ext.build_info()['cpu_capability']} build, torch {torch.backends.cpu.get_cpu_capability()}")
     print(f"# sdcore bench/ops.py  device={dev} ({machine})  dtype={dtype}  torch={torch.__version__}  "
-          f"median of {repeat}")
+          f"median of {repeat}, {rounds} alternating round(s)")
     gens = {"attention": attention_cases, "group_norm": group_norm_cases, "geglu": geglu_cases,
             "scheduler_step": step_cases}
     rows = []
@@ -133,13 +138,18 @@ def main(argv=None) -> int:
     print("-" * len(head))
     for name in args.ops.split(","):
         for case in gens[name](dev, dtype, args.quick):
-            t = {}
-            for backend in ("kernels", "torch", "reference"):
-                if backend == "reference" and (args.skip_reference or not case["reference_ok"]):
-                    t[backend] = None
-                    continue
-                with sdcore.use_backend(backend):
-                    t[backend] = timeit(case["fn"], dev, repeat if backend != "reference" else max(1, repeat // 2))
+            # kernels and torch alternate for `rounds` rounds (median of the rounds' medians), so a machine whose
+            # speed drifts (a shared VM) moves both sides alike; the slow reference runs once.
+            per_round = {"kernels": [], "torch": []}
+            for _ in range(rounds):
+                for backend in per_round:
+                    with sdcore.use_backend(backend):
+                        per_round[backend].append(timeit(case["fn"], dev, repeat))
+            t = {backend: statistics.median(ts) for backend, ts in per_round.items()}
+            t["reference"] = None
+            if not args.skip_reference and case["reference_ok"]:
+                with sdcore.use_backend("reference"):
+                    t["reference"] = timeit(case["fn"], dev, max(1, repeat // 2))
             rate = ""
             if case["flops"]:
                 rate = f"{case['flops'] / t['kernels'] / 1e6:.1f} GFLOP/s"
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
                              bytes=case["bytes"]))
     if args.json:
         args.json.write_text(json.dumps(dict(device=dev, machine=machine, dtype=str(dtype), torch=torch.__version__,
-                                             repeat=repeat, rows=rows), indent=1))
+                                             repeat=repeat, rounds=rounds, rows=rows), indent=1))
     return 0
 
 

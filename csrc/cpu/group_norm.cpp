@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
-#include <numeric>
 #include <vector>
 
 #include "../common/checks.h"
@@ -86,62 +85,11 @@ void group_affine_from_channel_sums(const GroupNormParams& p, int64_t c0, const 
   channel_affine(p, welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw)), c0, cg, out);
 }
 
-// Channels per task of the cache-local channels_last path, or 0 where the image is too large for it. A task
-// owns whole groups of one image (a multiple of 16 channels, so its rows are whole vectors) and makes both
-// passes over them while they are still in L2: statistics, then the apply. The global path instead reads the
-// whole tensor from memory twice.
-int64_t local_chunk(const GroupNormParams& p) {
-  constexpr int64_t kBytes = 512 << 10;  // half of a 1 MiB L2: the input block, with room for its output
-  const int64_t C = p.channels, unit = std::lcm(C / p.groups, int64_t{16});
-  if (C % unit != 0 || p.hw * unit * 4 > kBytes) return 0;
-  // Wider tasks mean longer rows per pixel, as long as every thread still gets two of them.
-  const int64_t threads = at::get_num_threads();
-  int64_t chunk = unit;
-  while (C % (2 * chunk) == 0 && p.hw * 2 * chunk * 4 <= kBytes && p.batch * (C / (2 * chunk)) >= 2 * threads) {
-    chunk *= 2;
-  }
-  return chunk;
-}
-
-void group_norm_nhwc_local(const GroupNormParams& p, int64_t chunk) {
-  const float* x = static_cast<const float*>(p.x);
-  float* y = static_cast<float*>(p.y);
-  const int64_t C = p.channels, cg = C / p.groups, hw = p.hw, chunks = C / chunk;
-  at::parallel_for(0, p.batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> cs(chunk), cq(chunk);
-    std::vector<float> fs(chunk), fq(chunk), center(chunk), scale(chunk), shift(chunk);
-    std::vector<ChannelAffine> affine(chunk);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, c0 = task % chunks * chunk;
-      const float* xb = x + b * hw * C;
-      std::fill(cs.begin(), cs.end(), 0.0);
-      std::fill(cq.begin(), cq.end(), 0.0);
-      for (int64_t p0 = 0; p0 < hw; p0 += kPixels) {
-        std::fill(fs.begin(), fs.end(), 0.0f);
-        std::fill(fq.begin(), fq.end(), 0.0f);
-        channel_sums(xb + p0 * C + c0, std::min(kPixels, hw - p0), chunk, C, xb + c0, fs.data(), fq.data());
-        for (int64_t i = 0; i < chunk; ++i) {
-          cs[i] += fs[i];
-          cq[i] += fq[i];
-        }
-      }
-      for (int64_t i = 0; i < chunk; i += cg) {
-        group_affine_from_channel_sums(p, c0 + i, xb + c0 + i, &cs[i], &cq[i], &affine[i]);
-      }
-      for (int64_t i = 0; i < chunk; ++i) {
-        center[i] = affine[i].center;
-        scale[i] = affine[i].scale;
-        shift[i] = affine[i].shift;
-      }
-      for (int64_t px = 0; px < hw; ++px) {
-        affine_act_channels(xb + px * C + c0, y + (b * hw + px) * C + c0, chunk, center.data(), scale.data(),
-                            shift.data(), p.silu);
-      }
-    }
-  });
-}
-
-void group_norm_nhwc_global(const GroupNormParams& p) {
+// channels_last: a group is a strided column, so the statistics of every group are complete only after a
+// whole pass; a second pass applies them. (Keeping a block of whole groups of one image in L2 for both passes
+// was tried: tasks of 80-channel columns ran 1.5-3x slower than these full-row passes, and the wider ones no
+// faster.)
+void group_norm_nhwc(const GroupNormParams& p) {
   const float* x = static_cast<const float*>(p.x);
   float* y = static_cast<float*>(p.y);
   const int64_t C = p.channels, G = p.groups, cg = C / G, hw = p.hw;
@@ -199,15 +147,6 @@ void group_norm_nhwc_global(const GroupNormParams& p) {
       affine_act_channels(x + px * C, y + px * C, C, center.data(), scale.data(), shift.data(), p.silu);
     }
   });
-}
-
-void group_norm_nhwc(const GroupNormParams& p) {
-  const int64_t chunk = local_chunk(p);
-  if (chunk > 0) {
-    group_norm_nhwc_local(p, chunk);
-  } else {
-    group_norm_nhwc_global(p);
-  }
 }
 
 void group_norm_f32(const GroupNormParams& p) {
