@@ -72,11 +72,12 @@ _ATEN = {
 }
 OP_FAMILIES = {f"aten::{name}": family for family, names in _ATEN.items() for name in names.split()}
 OP_FAMILIES.update({"sdcore::attention": "attention", "sdcore::group_norm": "group_norm",
-                    "sdcore::scheduler_step": "scheduler", "detach": "copy/layout", "detach_": "copy/layout"})
+                    "sdcore::geglu": "elementwise", "sdcore::scheduler_step": "scheduler", "detach": "copy/layout", "detach_": "copy/layout"})
 
 # GPU kernels (and op names the table above lacks) by pattern, first match wins, so the specific names come
 # before the generic ones: cuDNN's attention and CUTLASS's fmha say "fprop"/"cutlass" too, and cuDNN's conv
-# kernels say "gemm". sdcore's own kernels are in csrc/cuda (flash_*_kernel, gn_*_kernel, step_kernel).
+# kernels say "gemm". sdcore's own kernels are in csrc/cuda (flash_*_kernel, gn_*_kernel, geglu_kernel,
+# step_kernel).
 KERNEL_PATTERNS = [
     ("scheduler", r"\bstep_kernel"),
     ("attention", r"flash|fmha|attention|sdpa|softmax"),
@@ -85,7 +86,7 @@ KERNEL_PATTERNS = [
     ("conv", r"conv(?!ert)|fprop|dgrad|wgrad|winograd|implicit_gemm|im2col|cudnn|nchwtonhwc|nhwctonchw"),
     ("linear/matmul", r"gemm|gemv|cutlass|cublas|nvjet|xmma|splitkreduce"),
     ("copy/layout", r"copy|memcpy|memset|transpose|permute|cat_?array|index|gather|upsample|fill"),
-    ("elementwise", r"elementwise|reduce_kernel|silu|gelu|sigmoid|triu_tril"),
+    ("elementwise", r"elementwise|reduce_kernel|silu|gelu|geglu|sigmoid|triu_tril"),
 ]
 _KERNEL_RES = [(family, re.compile(pattern, re.IGNORECASE)) for family, pattern in KERNEL_PATTERNS]
 

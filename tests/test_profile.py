@@ -27,6 +27,7 @@ NAMES = [
     ("aten::native_group_norm", "group_norm"),
     ("aten::native_layer_norm", "layer_norm"),
     ("sdcore::scheduler_step", "scheduler"),
+    ("sdcore::geglu", "elementwise"),
     ("aten::addmm", "linear/matmul"),
     ("aten::bmm", "linear/matmul"),
     ("aten::silu", "elementwise"),
@@ -70,6 +71,8 @@ NAMES = [
      "(sdcore::cuda::(anonymous namespace)::FusedArgs<c10::Half>)", "group_norm"),
     ("void sdcore::cuda::(anonymous namespace)::gn_apply_cl_kernel<float>"
      "(sdcore::cuda::(anonymous namespace)::ApplyTileArgs<float>)", "group_norm"),
+    ("void sdcore::cuda::(anonymous namespace)::geglu_kernel<__half, 8, true>(const __half *, const __half *, "
+     "__half *, long, long, long)", "elementwise"),
     ("void sdcore::cuda::(anonymous namespace)::step_kernel<c10::BFloat16, 8>"
      "(sdcore::cuda::(anonymous namespace)::StepArgs<c10::BFloat16>)", "scheduler"),
 ]
