@@ -28,8 +28,11 @@ def main() -> int:
                                   ((1, 320, 64, 64), 32, True)]:
             x = torch.randn(*shape, generator=g).to(dev, dtype)
             x = x.contiguous(memory_format=torch.channels_last) if cl else x
-            out = ops.group_norm(x, groups, silu=True)
-            ref = reference.group_norm(x.double(), groups, silu=True)
+            # weight in x's dtype (read as it is), bias as float32 (so both are read as float32): both paths
+            w = torch.randn(shape[1], generator=g).to(dev, dtype)
+            b = torch.randn(shape[1], generator=g).to(dev) if cl else torch.randn(shape[1], generator=g).to(dev, dtype)
+            out = ops.group_norm(x, groups, w, b, silu=True)
+            ref = reference.group_norm(x.double(), groups, w.double(), b.double(), silu=True)
             err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
             bad += not err < 2e-2
             print(f"group_norm {dtype} {shape} nhwc={cl}: rel err {err:.2e}")
