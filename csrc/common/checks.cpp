@@ -188,26 +188,12 @@ GegluCall prepare_geglu(const at::Tensor& h_in, const std::optional<at::Tensor>&
     dtype_of(*bias, op, "bias");
     c.bias = bias->to(h_in.scalar_type()).contiguous();
   }
-  // Rows with one stride and a contiguous last dim are read in place (a column slice of a wider GEMM output,
-  // a batch of them): every leading dim of size > 1 must step over whole rows of the dim after it.
-  bool rows_in_place = h_in.stride(-1) == 1 || two_f <= 1;
-  int64_t row_stride = two_f;
-  if (h_in.dim() >= 2) {
-    int64_t inner = -1;  // the innermost leading dim of size > 1
-    for (int64_t i = h_in.dim() - 2; i >= 0 && rows_in_place; --i) {
-      if (h_in.size(i) == 1) continue;
-      if (inner < 0) {
-        inner = i;
-        row_stride = h_in.stride(i);
-        rows_in_place = row_stride >= two_f;
-      } else {
-        rows_in_place = h_in.stride(i) == h_in.stride(inner) * h_in.size(inner);
-        inner = i;
-      }
-    }
-  }
-  c.h = rows_in_place ? h_in : h_in.contiguous();
-  if (!rows_in_place) row_stride = two_f;
+  // [rows, 2F] rows read in place where reshape gives a view with a contiguous last dim and non-overlapping rows
+  // (a column slice of a wider GEMM output, a batch of them); otherwise a dense copy.
+  const int64_t rows = two_f == 0 ? 0 : h_in.numel() / two_f;
+  at::Tensor h2 = h_in.reshape({rows, two_f});
+  if (rows > 1 && (h2.stride(1) != 1 || h2.stride(0) < two_f)) h2 = h2.contiguous();
+  c.h = h2;
   std::vector<int64_t> out_shape = h_in.sizes().vec();
   out_shape.back() = two_f / 2;
   c.out = at::empty(out_shape, h_in.options());
@@ -217,8 +203,8 @@ GegluCall prepare_geglu(const at::Tensor& h_in, const std::optional<at::Tensor>&
   p.bias = c.bias.defined() ? c.bias.data_ptr() : nullptr;
   p.out = c.out.data_ptr();
   p.features = two_f / 2;
-  p.rows = two_f == 0 ? 0 : c.h.numel() / two_f;
-  p.h_stride = row_stride;
+  p.rows = rows;
+  p.h_stride = rows > 1 ? h2.stride(0) : two_f;
   p.dtype = dtype;
   return c;
 }

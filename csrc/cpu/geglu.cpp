@@ -34,11 +34,10 @@ at::Tensor geglu_cpu(const at::Tensor& h, const std::optional<at::Tensor>& bias)
     return c.out;
   }
   // Half precision on the CPU: float32 math on float32 copies, one rounding at the end.
-  std::optional<at::Tensor> bias_f;
-  if (c.bias.defined()) bias_f = c.bias.to(at::kFloat);
-  GegluCall f = prepare_geglu(c.h.to(at::kFloat), bias_f);
+  // (prepare_geglu converts the bias to the float32 h's dtype.)
+  GegluCall f = prepare_geglu(c.h.to(at::kFloat), c.bias.defined() ? std::optional<at::Tensor>(c.bias) : std::nullopt);
   geglu_f32(f.p);
-  c.out.copy_(f.out);
+  c.out.view_as(f.out).copy_(f.out);  // f works on the [rows, 2F] view of h
   return c.out;
 }
 

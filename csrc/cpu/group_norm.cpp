@@ -64,27 +64,6 @@ void group_norm_nchw(const GroupNormParams& p) {
   });
 }
 
-// channels_last statistics are per-channel float sums over blocks of at most kPixels pixels, folded into double.
-constexpr int64_t kPixels = 256;
-
-// The affine of group g (channels c0 .. c0 + cg) of one image from its per-channel sums: cs[i] and cq[i] are
-// channel c0 + i's sums of (x - shift[i]) and its square over hw pixels, shift[i] its value at the image's
-// first pixel. The group's sums move to one shift k (its first channel's): for d = shift[i] - k that is exact
-// algebra in double, with no division per channel (a Welford merge per channel cost more than the whole pass
-// at 8x8 pixels).
-void group_affine_from_channel_sums(const GroupNormParams& p, int64_t c0, const float* shift, const double* cs,
-                                    const double* cq, ChannelAffine* out) {
-  const int64_t cg = p.channels / p.groups, hw = p.hw;
-  const double k = shift[0];
-  double gs = 0.0, gq = 0.0;
-  for (int64_t i = 0; i < cg; ++i) {
-    const double d = static_cast<double>(shift[i]) - k;
-    gs += cs[i] + hw * d;
-    gq += cq[i] + 2.0 * d * cs[i] + hw * d * d;
-  }
-  channel_affine(p, welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw)), c0, cg, out);
-}
-
 // channels_last: a group is a strided column, so the statistics of every group are complete only after a
 // whole pass; a second pass applies them. (Keeping a block of whole groups of one image in L2 for both passes
 // was tried: tasks of 80-channel columns ran 1.5-3x slower than these full-row passes, and the wider ones no
@@ -94,8 +73,8 @@ void group_norm_nhwc(const GroupNormParams& p) {
   float* y = static_cast<float*>(p.y);
   const int64_t C = p.channels, G = p.groups, cg = C / G, hw = p.hw;
   // Statistics tasks are (image, block of pixels, chunk of channels), so a thin image still gives every
-  // thread work.
-  constexpr int64_t kChunk = 256;
+  // thread work; per channel, float sums over at most kPixels values, then double.
+  constexpr int64_t kPixels = 256, kChunk = 256;
   const int64_t blocks = (hw + kPixels - 1) / kPixels, chunks = (C + kChunk - 1) / kChunk;
   // Per-channel partial sums of each (image, pixel block), each written by exactly one task.
   std::unique_ptr<double[]> s1(new double[p.batch * blocks * C]), s2(new double[p.batch * blocks * C]);
@@ -113,19 +92,28 @@ void group_norm_nhwc(const GroupNormParams& p) {
       std::copy(sumsq, sumsq + nc, &s2[bb * C + c0]);
     }
   });
+  // A group's sums around one shift k (its first channel's): moving channel c's sums from its own shift by
+  // d = shift_c - k is exact algebra in double, with no division per channel (a Welford merge per channel
+  // cost more than the whole pass at 8x8 pixels).
   std::vector<ChannelAffine> affine(p.batch * C);
   at::parallel_for(0, p.batch * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> cs(cg), cq(cg);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, c0 = bg % G * cg;
-      for (int64_t i = 0; i < cg; ++i) {
-        cs[i] = cq[i] = 0.0;
+      const float* shift0 = x + b * hw * C;  // the image's first pixel: every channel's shift
+      const double k = shift0[c0];
+      double gs = 0.0, gq = 0.0;
+      for (int64_t c = c0; c < c0 + cg; ++c) {
+        double cs = 0.0, cq = 0.0;
         for (int64_t blk = 0; blk < blocks; ++blk) {
-          cs[i] += s1[(b * blocks + blk) * C + c0 + i];
-          cq[i] += s2[(b * blocks + blk) * C + c0 + i];
+          cs += s1[(b * blocks + blk) * C + c];
+          cq += s2[(b * blocks + blk) * C + c];
         }
+        const double d = static_cast<double>(shift0[c]) - k;
+        gs += cs + hw * d;
+        gq += cq + 2.0 * d * cs + hw * d * d;
       }
-      group_affine_from_channel_sums(p, c0, x + b * hw * C + c0, cs.data(), cq.data(), &affine[b * C + c0]);
+      channel_affine(p, welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw)), c0, cg,
+                     &affine[b * C + c0]);
     }
   });
 
