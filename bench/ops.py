@@ -81,6 +81,23 @@ def geglu_cases(dev, dtype, quick):
                    fn=lambda x=x, w=w, bias=bias: ops.geglu(x, w, bias), reference_ok=True)
 
 
+def linear_add_cases(dev, dtype, quick):
+    """The projections that end a branch of the UNet's transformer blocks (attention's to_out, the feed-forward's
+    last layer) with the residual added: the kernels add it in the GEMM (cuBLASLt's C and bias epilogue on CUDA;
+    residual + bias, then a GEMM accumulating into it, on the CPU), torch runs Linear, then an add."""
+    shapes = [("SD1 64x64 to_out", 2, 4096, 320, 320), ("SD1 64x64 FF out", 2, 4096, 1280, 320),
+              ("SD1 32x32 to_out", 2, 1024, 640, 640), ("SD1 16x16 FF out", 2, 256, 5120, 1280)]
+    if quick:
+        shapes = shapes[2:]
+    for name, b, n, d_in, d_out in shapes:
+        x = torch.randn(b, n, d_in, device=dev, dtype=dtype)
+        w = torch.randn(d_out, d_in, device=dev, dtype=dtype) * d_in ** -0.5
+        bias, residual = torch.randn(d_out, device=dev, dtype=dtype), torch.randn(b, n, d_out, device=dev, dtype=dtype)
+        yield dict(op="linear_add", shape=f"{name} {b}x{n}x{d_in} -> {d_out}", flops=2 * b * n * d_in * d_out,
+                   bytes=None, fn=lambda x=x, w=w, bias=bias, r=residual: ops.linear_add(x, w, bias, r),
+                   reference_ok=True)
+
+
 def step_cases(dev, dtype, quick):
     cases = [("DDIM CFG", schedulers.ddim(0.3, 0.45), 1, 64), ("Euler-a CFG", schedulers.euler_ancestral(4.0, 3.1), 1, 64),
              ("DPM++2M CFG", schedulers.dpmpp_2m(4.0, 3.1, 5.0), 1, 64), ("DPM++2M CFG", schedulers.dpmpp_2m(4.0, 3.1, 5.0), 4, 96)]
@@ -103,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp32 on cpu, fp16 on cuda")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 5 cpu, 50 cuda)")
-    p.add_argument("--ops", default="attention,group_norm,geglu,scheduler_step", help="comma-separated subset")
+    p.add_argument("--ops", default="attention,group_norm,geglu,linear_add,scheduler_step", help="comma-separated subset")
     p.add_argument("--rounds", type=int, default=None,
                    help="kernels/torch alternations per case, median of their medians (default 3 cpu, 1 cuda)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller attention and GroupNorm shapes")
@@ -130,7 +147,7 @@ def main(argv=None) -> int:
     print(f"# sdcore bench/ops.py  device={dev} ({machine})  dtype={dtype}  torch={torch.__version__}  "
           f"median of {repeat}, {rounds} alternating round(s)")
     gens = {"attention": attention_cases, "group_norm": group_norm_cases, "geglu": geglu_cases,
-            "scheduler_step": step_cases}
+            "linear_add": linear_add_cases, "scheduler_step": step_cases}
     rows = []
     head = (f"{'op':<16} {'shape':<40} {'kernels ms':>11} {'torch ms':>10} {'reference ms':>13} {'speedup':>8} "
             f"{'kernels rate':>14}")

@@ -45,6 +45,17 @@ def main() -> int:
             err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
             bad += not err < 2e-2
             print(f"geglu {dtype} {shape} row stride {stride}: rel err {err:.2e}")
+        for lead, k, n, bias, x_stride in [((3, 5), 7, 33, True, 7), ((2, 64), 320, 320, False, 336),
+                                           ((9,), 40, 8, True, 48)]:
+            x = torch.randn(*lead, x_stride, generator=g).to(dev, dtype)[..., :k]  # rows x_stride apart
+            w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dev, dtype)
+            b = torch.randn(n, generator=g).to(dev, dtype) if bias else None
+            r = torch.randn(*lead, n, generator=g).to(dev, dtype)
+            out = torch.ops.sdcore.linear_add(x, w, b, r)
+            ref = reference.linear_add(x.double(), w.double(), None if b is None else b.double(), r.double())
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            bad += not err < 2e-2
+            print(f"linear_add {dtype} {lead} {k}->{n} bias={bias} x row stride {x_stride}: rel err {err:.2e}")
         c = schedulers.dpmpp_2m(4.0, 3.0, 5.0)
         x = torch.randn(1, 4, 7, 9, generator=g).to(dev, dtype)
         mo = torch.randn(2, 4, 7, 9, generator=g).to(dev, dtype)

@@ -47,6 +47,7 @@ TORCH_LIBRARY(sdcore, m) {
       "group_norm(Tensor x, int num_groups, Tensor? weight=None, Tensor? bias=None, float eps=1e-05, "
       "bool silu=False) -> Tensor");
   m.def("geglu(Tensor h, Tensor? bias=None) -> Tensor");
+  m.def("linear_add(Tensor x, Tensor weight, Tensor? bias, Tensor residual) -> Tensor");
   m.def(
       "scheduler_step(Tensor model_output, Tensor sample, float[] coeffs, Tensor[] history, "
       "float[] history_coeffs, Tensor? noise=None, float? guidance_scale=None, bool return_state=True) "

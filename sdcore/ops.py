@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import _backend, _ext, reference
 from .step import StepCoefficients
 
-__all__ = ["attention", "geglu", "group_norm", "scheduler_step", "kernels_reason"]
+__all__ = ["attention", "geglu", "group_norm", "linear_add", "scheduler_step", "kernels_reason"]
 
 
 def kernels_reason(*tensors: torch.Tensor) -> str | None:
@@ -127,6 +127,36 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return reference.geglu(x, weight, bias)
 
 
+def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               residual: torch.Tensor) -> torch.Tensor:
+    """A linear layer added to a residual: x @ weight.T + bias + residual, the last step of every attention,
+    feed-forward and spatial transformer in the UNet. x: [..., in]; weight: [out, in]; bias: [out] or None;
+    residual: [..., out]; returns a new dense [..., out] tensor. On CUDA the kernels backend runs one cuBLASLt
+    GEMM whose epilogue adds the bias and reads the residual as its C, rounding once, where the layer and a
+    separate add round twice and write an intermediate; on the CPU, residual + bias in one pass and the GEMM
+    accumulating into it."""
+    _check_tensor("linear_add", "x", x)
+    _check_tensor("linear_add", "weight", weight)
+    _check_tensor("linear_add", "bias", bias, optional=True)
+    _check_tensor("linear_add", "residual", residual)
+    # Checked for every backend: the torch one would otherwise broadcast a residual or bias of the wrong shape.
+    if x.dim() == 0 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"sdcore.linear_add: weight must be [out_features, in_features] with in_features the last "
+                         f"dim of x, got weight {list(weight.shape)} for x {list(x.shape)}")
+    out_shape = [*x.shape[:-1], weight.shape[0]]
+    if bias is not None and list(bias.shape) != out_shape[-1:]:
+        raise ValueError(f"sdcore.linear_add: bias must have shape {out_shape[-1:]}, got {list(bias.shape)}")
+    if list(residual.shape) != out_shape:
+        raise ValueError(f"sdcore.linear_add: residual must have shape {out_shape} (x's with the last dim "
+                         f"out_features), got {list(residual.shape)}")
+    backend = _pick("linear_add", x, weight, bias, residual)
+    if backend == "kernels":
+        return torch.ops.sdcore.linear_add(x, weight, bias, residual)
+    if backend == "torch":
+        return F.linear(x, weight, bias) + residual
+    return reference.linear_add(x, weight, bias, residual)
+
+
 def scheduler_step(model_output: torch.Tensor, sample: torch.Tensor, coeffs: StepCoefficients, *,
                    history=(), noise: torch.Tensor | None = None, guidance_scale: float | None = None,
                    return_state: bool = True):
@@ -208,6 +238,18 @@ if _ext.load_error() is None:
         torch._check(h.dim() >= 1 and h.shape[-1] % 2 == 0,
                      lambda: f"sdcore.geglu: the last dim of h must be even, got shape {list(h.shape)}")
         return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+    @torch.library.register_fake("sdcore::linear_add")
+    def _linear_add_fake(x, weight, bias, residual):
+        _check_devices("linear_add", x=x, weight=weight, bias=bias, residual=residual)
+        torch._check(x.dim() >= 1 and weight.dim() == 2 and weight.shape[1] == x.shape[-1],
+                     lambda: f"sdcore.linear_add: weight must be [out_features, {x.shape[-1]}], "
+                             f"got {list(weight.shape)}")
+        out_shape = (*x.shape[:-1], weight.shape[0])
+        torch._check(tuple(residual.shape) == out_shape,
+                     lambda: f"sdcore.linear_add: residual must have shape {list(out_shape)}, "
+                             f"got {list(residual.shape)}")
+        return x.new_empty(out_shape)
 
     @torch.library.register_fake("sdcore::scheduler_step")
     def _scheduler_step_fake(model_output, sample, coeffs, history, history_coeffs, noise=None,

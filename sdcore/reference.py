@@ -67,6 +67,15 @@ def geglu(x, weight, bias=None):
     return gated_gelu(x.to(dtype) @ weight.to(dtype).t(), bias).to(x.dtype)
 
 
+def linear_add(x, weight, bias, residual):
+    """x @ weight^T + bias + residual, in float32 (float64 for float64) and rounded once."""
+    dtype = _compute_dtype(x.dtype)
+    out = x.to(dtype) @ weight.to(dtype).t() + residual.to(dtype)
+    if bias is not None:
+        out = out + bias.to(dtype)
+    return out.to(x.dtype)
+
+
 def memory_format_of(x) -> torch.memory_format:
     """The layout group_norm keeps: channels_last(_3d) for such dense inputs, else contiguous (the same
     rule as prepare_group_norm in csrc/common/checks.cpp)."""

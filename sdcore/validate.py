@@ -96,6 +96,23 @@ def _geglu_case(b, n, d, label, *, device, gen) -> Case:
     return Case("geglu", f"{label}: {b}x{n}x{d} -> {4 * d}", run, ref)
 
 
+def _linear_add_case(b, n, d_in, d_out, label, *, device, gen) -> Case:
+    x = torch.randn(b, n, d_in, generator=gen)
+    w = torch.randn(d_out, d_in, generator=gen) * d_in ** -0.5
+    bias, residual = torch.randn(d_out, generator=gen), torch.randn(b, n, d_out, generator=gen)
+
+    def run(backend, dtype):
+        with use_backend(backend):
+            out = ops.linear_add(x.to(device, dtype), w.to(device, dtype), bias.to(device, dtype),
+                                 residual.to(device, dtype))
+        return out.double().cpu()
+
+    def ref():
+        return reference.linear_add(x.double(), w.double(), bias.double(), residual.double())
+
+    return Case("linear_add", f"{label}: {b}x{n}x{d_in} -> {d_out} + residual", run, ref)
+
+
 def _step_case(name, coeffs, batch, hw, guidance, *, device, gen) -> Case:
     shape = (batch, 4, hw, hw)
     mo = torch.randn((2 * batch,) + shape[1:] if guidance else shape, generator=gen)
@@ -155,6 +172,9 @@ def sd_cases(device: str, quick: bool = False, seed: int = 0) -> list[Case]:
                   g((1, 128, 512, 512), 32, 1e-6, True, True, "VAE")]
     f = lambda *args: _geglu_case(*args, device=device, gen=gen)  # noqa: E731
     cases += [f(2, 4096, 320, "SD1 down0 FF"), f(2, 256, 1280, "SD1 down2 FF"), f(2, 1024, 640, "SD2 down1 FF")]
+    r = lambda *args: _linear_add_case(*args, device=device, gen=gen)  # noqa: E731
+    cases += [r(2, 4096, 320, 320, "SD1 down0 to_out"), r(2, 4096, 1280, 320, "SD1 down0 FF out"),
+              r(2, 256, 5120, 1280, "SD1 down2 FF out")]
     s = lambda *args: _step_case(*args, device=device, gen=gen)  # noqa: E731
     a_t, a_prev = 0.3, 0.45
     cases += [

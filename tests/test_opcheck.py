@@ -33,6 +33,14 @@ def _geglu_samples(device):
     yield (mk(1, 7, 6).bfloat16(), mk(6).bfloat16())
 
 
+def _linear_add_samples(device):
+    g = torch.Generator().manual_seed(5)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    yield (mk(2, 9, 64), mk(32, 64), mk(32), mk(2, 9, 32))
+    yield (mk(3, 40)[:, :24].half(), mk(8, 24).half(), None, mk(3, 8).half())  # x's rows 40 apart
+    yield (mk(1, 7, 6).bfloat16(), mk(5, 6).bfloat16(), mk(5).bfloat16(), mk(5, 7).bfloat16().t()[None])
+
+
 def _step_samples(device):
     g = torch.Generator().manual_seed(2)
     mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
@@ -45,16 +53,18 @@ def _step_samples(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("op,samples", [
     ("attention", _attention_samples), ("group_norm", _group_norm_samples), ("geglu", _geglu_samples),
-    ("scheduler_step", _step_samples)])
+    ("linear_add", _linear_add_samples), ("scheduler_step", _step_samples)])
 def test_opcheck(device, op, samples):
     for args in samples(device):
         torch.library.opcheck(getattr(torch.ops.sdcore, op).default, args)
 
 
 def _block(x, w, b, q, k, v, mo, sample):
-    """A UNet-ish slice: GroupNorm+SiLU, attention, a scheduler step."""
+    """A UNet-ish slice: GroupNorm+SiLU, attention with its out-projection adding the residual q, a scheduler
+    step."""
     h = ops.group_norm(x, 8, w, b, silu=True)
     a = ops.attention(q, k, v)
+    a = ops.linear_add(a, k[0, 0, :40], None, q)
     out, x0 = ops.scheduler_step(mo, sample, schedulers.ddim(0.3, 0.5), guidance_scale=7.5)
     return h.sum() + a.sum(), out, x0
 

@@ -28,6 +28,7 @@ NAMES = [
     ("aten::native_layer_norm", "layer_norm"),
     ("sdcore::scheduler_step", "scheduler"),
     ("sdcore::geglu", "elementwise"),
+    ("sdcore::linear_add", "linear/matmul"),
     ("aten::addmm", "linear/matmul"),
     ("aten::bmm", "linear/matmul"),
     ("aten::silu", "elementwise"),

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cmath>
@@ -37,6 +38,14 @@ void check_not_empty(const at::Tensor& t, const char* op, const char* arg) {
 
 // Kernels read rows of D contiguous elements; any other layout of the outer dims is fine.
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// A [rows, cols] view with unit column stride and non-overlapping rows where reshape gives one, else a dense copy.
+at::Tensor rows_view(const at::Tensor& t, int64_t rows, int64_t cols) {
+  at::Tensor t2 = t.reshape({rows, cols});
+  const bool strided_row = cols > 1 && t2.stride(1) != 1;
+  const bool overlapping_rows = rows > 1 && t2.stride(0) < cols;
+  return strided_row || overlapping_rows ? t2.contiguous() : t2;
+}
 
 }  // namespace
 
@@ -207,6 +216,49 @@ GegluCall prepare_geglu(const at::Tensor& h_in, const std::optional<at::Tensor>&
   p.h_stride = rows > 1 ? h2.stride(0) : two_f;
   p.dtype = dtype;
   return c;
+}
+
+LinearAddCall prepare_linear_add(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& residual) {
+  constexpr const char* op = "sdcore.linear_add";
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim (its last is the input features), got a 0-D tensor");
+  dtype_of(x, op, "x");
+  check_same(x, "x", weight, "weight", op);
+  check_same(x, "x", residual, "residual", op);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(-1), op, ": weight must be [out_features, ",
+              x.size(-1), "] (the last dim of x), got ", weight.sizes());
+  const int64_t k = x.size(-1), n = weight.size(0);
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  const c10::IntArrayRef out_sizes(out_shape);
+  TORCH_CHECK(residual.sizes() == out_sizes, op, ": residual must have shape ", out_sizes,
+              " (x's with the last dim out_features), got ", residual.sizes());
+  LinearAddCall c;
+  if (bias.has_value() && bias->defined()) {
+    check_same(x, "x", *bias, "bias", op);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "] (weight's rows), got ",
+                bias->sizes());
+    c.bias = bias->contiguous();
+  }
+  c.m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  c.n = n;
+  c.k = k;
+  c.x = rows_view(x, c.m, k);
+  c.weight = rows_view(weight, n, k);
+  c.residual = rows_view(residual, c.m, n);
+  c.out = at::empty(out_shape, x.options());
+  return c;
+}
+
+void linear_add_aten(const LinearAddCall& c) {
+  if (c.out.numel() == 0) return;
+  at::Tensor out = c.out.view({c.m, c.n});
+  if (c.bias.defined()) {
+    at::add_out(out, c.residual, c.bias);
+  } else {
+    out.copy_(c.residual);
+  }
+  if (c.k > 0) out.addmm_(c.x, c.weight.t());
 }
 
 StepCall prepare_step(const at::Tensor& model_output, const at::Tensor& sample, c10::ArrayRef<double> coeffs,

@@ -28,6 +28,13 @@ struct GegluCall {
   GegluParams p;
 };
 
+// x @ weight^T + bias + residual as 2-D row-major operands ([m, k], [n, k], [n], [m, n]), each with unit stride along
+// its rows (views of the inputs where reshape allows, else dense copies); out is the dense [..., n] result.
+struct LinearAddCall {
+  at::Tensor x, weight, bias, residual, out;
+  int64_t m = 0, n = 0, k = 0;
+};
+
 struct StepCall {
   at::Tensor model_output, sample, noise, out, state;
   std::vector<at::Tensor> history;
@@ -54,6 +61,13 @@ GroupNormCall prepare_group_norm(const at::Tensor& x, int64_t num_groups, const 
                                  const std::optional<at::Tensor>& bias, double eps, bool silu);
 
 GegluCall prepare_geglu(const at::Tensor& h, const std::optional<at::Tensor>& bias);
+
+LinearAddCall prepare_linear_add(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& residual);
+
+// The ATen form of linear_add: residual + bias written in one pass, then a GEMM that accumulates into it (beta = 1).
+// The CPU's implementation, and the CUDA one's where cuBLASLt offers no algorithm for the operands.
+void linear_add_aten(const LinearAddCall& c);
 
 StepCall prepare_step(const at::Tensor& model_output, const at::Tensor& sample, c10::ArrayRef<double> coeffs,
                       at::TensorList history, c10::ArrayRef<double> history_coeffs,

@@ -59,8 +59,11 @@ class SpatialSelfAttention(nn.Module):
         # [B, HW, C]: a view of a channels_last map (a copy of an NCHW one), and back the same way
         tokens = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
-        out = self.to_out[0](ops.attention(q, k, v).squeeze(1))
-        return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        out, proj = ops.attention(q, k, v).squeeze(1), self.to_out[0]
+        if x.is_contiguous(memory_format=torch.channels_last):  # x is its rows of tokens: the GEMM adds it
+            out = ops.linear_add(out, proj.weight, proj.bias, x.permute(0, 2, 3, 1).reshape(b, h * w, c))
+            return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return x + proj(out).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):

@@ -57,7 +57,9 @@ class Attention(nn.Module):
         self._fuse()
         return self
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, residual=None):
+        """Attention over ``context`` (None: self-attention), plus ``residual`` when given (the out-projection's
+        GEMM adds it: ops.linear_add)."""
         h = self.heads
         if context is None and self.is_self:  # [B, N, 3*H*D] -> q, k, v [B, H, N, D], strided views
             q, k, v = F.linear(x, self.fused).unflatten(-1, (3, h, -1)).permute(2, 0, 3, 1, 4)
@@ -72,7 +74,9 @@ class Attention(nn.Module):
             out = ops.attention(q.float(), k.float(), v.float()).to(q.dtype)
         else:
             out = ops.attention(q, k, v)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        out = out.transpose(1, 2).flatten(2)
+        proj = self.to_out[0]
+        return proj(out) if residual is None else ops.linear_add(out, proj.weight, proj.bias, residual)
 
 
 class GEGLU(nn.Module):
@@ -94,10 +98,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim)])
 
-    def forward(self, x):
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def forward(self, x, residual=None):
+        """The feed-forward of x, plus ``residual`` when given (added by the last GEMM: ops.linear_add)."""
+        x = self.net[0](x)
+        out = self.net[2]
+        return out(x) if residual is None else ops.linear_add(x, out.weight, out.bias, residual)
 
 
 class TransformerBlock(nn.Module):
@@ -114,9 +119,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        # Each residual is added by the GEMM that ends its branch (ops.linear_add), not by a pass of its own.
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class Transformer(nn.Module):
@@ -144,6 +150,12 @@ class Transformer(nn.Module):
         tokens = self._per_pixel(self.proj_in, tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # x's pixels are already rows of tokens: proj_out's GEMM adds them (ops.linear_add). An NCHW x keeps
+            # the separate add, which writes NCHW; its tokens would be a copy, and the output NHWC.
+            weight = self.proj_out.weight.flatten(1)
+            tokens = ops.linear_add(tokens, weight, self.proj_out.bias, x.permute(0, 2, 3, 1).reshape(b, h * w, c))
+            return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
         tokens = self._per_pixel(self.proj_out, tokens)
         return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
