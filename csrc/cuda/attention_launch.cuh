@@ -8,6 +8,7 @@
 #include <climits>
 
 #include "attention_instances.h"
+#include "device_info.h"
 #include "attention_kernel.cuh"
 
 namespace sdcore {
@@ -16,11 +17,9 @@ namespace attn {
 
 // Largest dynamic shared memory a block of the current device may opt in to.
 inline cudaError_t max_dynamic_smem(size_t* bytes) {
-  int dev = 0, value = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  *bytes = static_cast<size_t>(value);
+  DeviceInfo d;
+  const cudaError_t err = current_device_info(d);
+  *bytes = static_cast<size_t>(d.smem_optin);
   return err;
 }
 

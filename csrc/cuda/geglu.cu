@@ -10,6 +10,7 @@
 
 #include "../common/math.h"
 #include "../common/params.h"
+#include "device_info.h"
 #include "device_utils.cuh"
 #include "launch.h"
 
@@ -50,11 +51,10 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int VEC>
 cudaError_t launch_geglu(const GegluParams& p, cudaStream_t stream) {
-  int dev = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  DeviceInfo d;
+  const cudaError_t err = current_device_info(d);
   if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
+  const int sms = d.sms;
   const T* h = static_cast<const T*>(p.h);
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../common/params.h"
+#include "device_info.h"
 #include "group_norm_kernels.cuh"
 #include "launch.h"
 
@@ -43,21 +44,6 @@ template <typename K>
 cudaError_t allow_smem(K* kernel, int64_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
-struct DeviceInfo {
-  int sms = 1;
-  int cc_major = 0;
-  int smem_optin = 48 * 1024;
-};
-
-cudaError_t device_info(DeviceInfo& d) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  return err;
 }
 
 // Launches the fused kernel; returns cudaErrorNotSupported (without launching) when a cluster of K blocks
@@ -388,7 +374,7 @@ cudaError_t run_split(const GroupNormParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t group_norm_typed(const GroupNormParams& p, cudaStream_t stream) {
   DeviceInfo d;
-  cudaError_t err = device_info(d);
+  cudaError_t err = current_device_info(d);
   if (err != cudaSuccess) return err;
   err = try_fused<T>(p, d, stream);
   if (err != cudaErrorNotSupported) return err;
@@ -398,7 +384,7 @@ cudaError_t group_norm_typed(const GroupNormParams& p, cudaStream_t stream) {
 template <typename T>
 int64_t workspace_bytes_typed(const GroupNormParams& p) {
   DeviceInfo d;
-  if (device_info(d) == cudaSuccess && FusedGeometry<T>(p, d).certain()) return 0;  // fused: no workspace
+  if (current_device_info(d) == cudaSuccess && FusedGeometry<T>(p, d).certain()) return 0;  // fused: no workspace
   SplitPlan s;
   return plan_split<T>(p, s) == cudaSuccess ? static_cast<int64_t>(s.ws_bytes) : 0;  // bad: group_norm says
 }

@@ -13,6 +13,7 @@
 
 #include "../common/math.h"
 #include "../common/params.h"
+#include "device_info.h"
 #include "device_utils.cuh"
 #include "launch.h"
 
@@ -93,11 +94,10 @@ constexpr int kThreads = 256;
 
 template <typename T, int VEC, int NH>
 cudaError_t launch_step(const StepArgs<T>& a, cudaStream_t stream) {
-  int dev = 0, sms = 0;
-  cudaError_t err = cudaGetDevice(&dev);
+  DeviceInfo d;
+  const cudaError_t err = current_device_info(d);
   if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
+  const int sms = d.sms;
   const int64_t nvec = a.numel / VEC;
   int64_t blocks = (nvec + kThreads - 1) / kThreads;
   // One full wave (2048 resident threads per SM on sm_80/sm_90); the grid-stride loop does the rest.
