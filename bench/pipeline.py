@@ -4,6 +4,7 @@ kernels with the pipeline's CUDA graphs, "graphs"; "kernels" is then eager), and
     python bench/pipeline.py --device cpu --sizes 256,512            # CPU fp32 (docs/PERF.md)
     python bench/pipeline.py --device cuda --dtype fp16 --sizes 512  # GPU
     python bench/pipeline.py --arch sdxl --sizes 512 --impls kernels,diffusers   # SDXL base
+    python bench/pipeline.py --interleave --impls kernels,torch,diffusers --repeat 9   # UNet ratios, one process
 
 Per image size it reports: one UNet step (CFG batch 2), one VAE decode, the end-to-end latency of a short
 generation (text encoder + steps + decode), and peak memory. Each implementation runs in its own process
@@ -125,6 +126,46 @@ def worker(args) -> dict:
     return dict(results=results)
 
 
+def interleaved(args, impls) -> list[dict]:
+    """The UNet step of every implementation in this one process, call by call in turn (A B C A B C ...): a
+    machine whose speed drifts by tens of percent within minutes moves every implementation alike, so the
+    ratios hold where per-process medians do not. diffusers' UNet reads the sdcore UNet's very tensors."""
+    import sdcore
+    from sdcore import embedded
+
+    device, dtype = args.device, DTYPES[args.dtype]
+    torch.manual_seed(0)
+    pipe = embedded.build(args.arch, dtype=dtype)
+    pipe.to(device)
+    ref = _diffusers_pipeline(pipe) if "diffusers" in impls else None
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for size in args.sizes:
+        lat = size // pipe.vae_scale_factor
+        x, text, added = unet_inputs(pipe.unet.config, lat, size, device, dtype, g)
+        t = torch.tensor(500, device=device)
+        calls = {}
+        for impl in impls:
+            if impl == "diffusers":
+                calls[impl] = ("torch", lambda: ref.unet(x, t, encoder_hidden_states=text, **added).sample)
+            else:
+                graphs = impl == "graphs"
+                pipe.cuda_graphs = graphs
+                calls[impl] = ("kernels" if graphs else impl, pipe._unet_call() if graphs else pipe.unet)
+        times = {impl: [] for impl in impls}
+        with torch.no_grad():
+            for turn in range(args.repeat + 1):  # the first turn warms every implementation up
+                for impl, (backend, call) in calls.items():
+                    with sdcore.use_backend(backend):
+                        fn = call if impl == "diffusers" else (lambda call=call: call(x, t, text, **added))
+                        ms = timeit(fn, device, 1, warmup=0)
+                    if turn:
+                        times[impl].append(ms)
+        for impl in impls:
+            rows.append(dict(impl=impl, size=size, unet_ms=statistics.median(times[impl]), runs=times[impl]))
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -138,6 +179,10 @@ def main() -> int:
                    help="run every implementation this many times, in turn (A B C A B C ...), and report each "
                         "one's median: on a shared machine the process that runs first or last can be 10-30%% "
                         "off, and alternating spreads that over all of them")
+    p.add_argument("--interleave", action="store_true",
+                   help="time only the UNet step, of every implementation in one process, call by call in turn, "
+                        "--repeat calls each: the ratios a drifting machine moves least (no VAE, end-to-end or "
+                        "peak memory)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -152,6 +197,23 @@ def main() -> int:
     for impl in impls:
         if impl not in IMPLS:
             p.error(f"unknown impl {impl!r}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    if args.interleave:
+        rows = interleaved(args, impls)
+        print(f"# sdcore bench/pipeline.py --interleave  arch={args.arch}  device={args.device} ({name})  "
+              f"dtype={args.dtype}  torch={torch.__version__}  UNet step (CFG batch 2), median of {args.repeat} "
+              "calls each, in turn in one process")
+        print(f"{'size':>5} {'impl':<10} {'UNet step ms':>13} {'UNet vs diffusers':>18} {'each call ms':>14}")
+        for size in args.sizes:
+            base = next((r for r in rows if r["size"] == size and r["impl"] == "diffusers"), None)
+            for r in (r for r in rows if r["size"] == size):
+                speed = f"{base['unet_ms'] / r['unet_ms']:.2f}x" if base else "-"
+                print(f"{size:>5} {r['impl']:<10} {r['unet_ms']:>13.1f} {speed:>18}   "
+                      + " ".join(f"{v:.0f}" for v in r["runs"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(device=name, dtype=args.dtype, arch=args.arch, interleave=True,
+                                                       torch=torch.__version__, rows=rows), indent=1))
+        return 0
     runs = []
     for _ in range(max(1, args.rounds)):
         for impl in impls:
@@ -171,7 +233,6 @@ def main() -> int:
                 rows.append(dict(impl=impl, size=size, rounds=len(mine), peak_mib=max(r["peak_mib"] for r in mine),
                                  **{k: statistics.median(r[k] for r in mine) for k in ("unet_ms", "vae_ms", "e2e_ms")}))
 
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"# sdcore bench/pipeline.py  arch={args.arch}  device={args.device} ({name})  dtype={args.dtype}  "
           f"torch={torch.__version__}  e2e = {args.steps} steps + text encoder + VAE decode  "
           f"rounds={max(1, args.rounds)}")
