@@ -2,7 +2,8 @@
 # One prepared GPU check, for a machine with a GPU and torch already installed (no network needed):
 # builds the extension for this card, runs the CUDA tests and compute-sanitizer, `sdcore validate` on the ops
 # and on the SD 1.5 model, the op and pipeline benchmarks and `sdcore profile`, writing to OUTDIR (8 files:
-# device.txt build.log tests.log validate.txt bench.txt pipeline.json prof/summary.json prof/hotspots.png).
+# device.txt build.log tests.log validate.txt bench.txt pipeline.json prof/summary.json prof/hotspots.png), and
+# on an sm_90 card the Hopper wgmma attention harness (hopper/: its layout tests' verdicts, raw dumps, timings).
 # About 5 minutes on an H100/H200.
 #   bench/gpu_check.sh OUTDIR
 set -uo pipefail
@@ -51,6 +52,20 @@ tail -8 "$OUT/validate.txt"
 
 step "bench ops fp16"
 timeout 90 $PY bench/ops.py --device cuda --dtype fp16 | tee "$OUT/bench.txt" || status=1
+
+step "hopper wgmma attention harness (sm_90 only; bench/hopper/wgmma_attention.cu)"
+if [ "$cap" = "9.0" ]; then
+  mkdir -p "$OUT/hopper"
+  nvcc_bin=$($PY -c "import sys; sys.path.insert(0, 'tools'); from cuda_env import find_cuda_home as f; print(f() or '')")/bin/nvcc
+  if timeout 120 "$nvcc_bin" -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+      bench/hopper/wgmma_attention.cu -o /tmp/wgmma_attention > "$OUT/hopper/build.log" 2>&1; then
+    timeout 120 /tmp/wgmma_attention "$OUT/hopper" | tee "$OUT/hopper/result.txt"
+  else
+    tail -20 "$OUT/hopper/build.log"; echo "hopper harness: build failed"
+  fi
+else
+  echo "not an sm_90 card ($cap): skipped"
+fi
 
 step "bench pipeline (SD1.5 fp16 512x512: kernels eager and with CUDA graphs, torch, diffusers)"
 timeout 240 $PY bench/pipeline.py --device cuda --dtype fp16 --sizes 512 --steps 10 --repeat 10 \

@@ -37,6 +37,39 @@ def test_generated_attention_instances_match_a_fresh_run():
     assert run.returncode == 0, run.stderr
 
 
+def test_hopper_harness_is_generated_and_compiles_for_sm90a(tmp_path):
+    """bench/hopper (the wgmma attention harness that bench/gpu_check.sh runs on an H100/H200) keeps compiling:
+    its wgmma wrappers are what gen_wgmma_ops.py writes now, and ptxas accepts the whole program for sm_90a
+    with the matrix instructions the kernel is about (HGMMA) and nothing in local memory."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "hopper" / "gen_wgmma_ops.py"), "--check"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    home = cuda_env.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit: nothing to compile the harness with")
+    exe = tmp_path / "wgmma_attention"
+    build = subprocess.run([os.path.join(home, "bin", "nvcc"), "-O3", "-std=c++17",
+                            "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
+                            str(ROOT / "bench" / "hopper" / "wgmma_attention.cu"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    report = build.stdout + build.stderr
+    assert "bytes stack frame" in report and all(
+        line.strip().startswith("0 bytes stack frame") for line in report.splitlines() if "bytes stack frame" in line)
+    # The toolkit's cuobjdump, else the one Triton's package carries (a pip toolkit may have none).
+    candidates = [Path(home) / "bin" / "cuobjdump"]
+    try:
+        import triton
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    cuobjdump = next((str(c) for c in candidates if c.exists()), None)
+    if cuobjdump is not None:
+        sass = subprocess.run([cuobjdump, "-sass", str(exe)], capture_output=True, text=True).stdout
+        for width in (48, 64, 80, 160):
+            assert f"HGMMA.64x{width}x16.F32" in sass, f"no 64x{width} wgmma in the harness's SASS"
+
+
 def test_build_records_the_torch_it_compiled_against():
     # setup.py writes the record next to the library; sdcore/_ext.py reads it before loading the library.
     record = _ext._read_build_config()
