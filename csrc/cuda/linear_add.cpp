@@ -113,19 +113,33 @@ at::Tensor linear_add_cuda(const at::Tensor& x, const at::Tensor& weight, const 
   pref.set(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_bytes(c.out.const_data_ptr()));
 
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  cublasLtMatmulHeuristicResult_t heuristic = {};
+  // The heuristic sees layouts, not pointers, so it may offer algorithms that only write D in place over C;
+  // D here is a new tensor. Take the best-ranked of its offers that writes out of place.
+  constexpr int kOffers = 8;
+  cublasLtMatmulHeuristicResult_t offers[kOffers] = {};
   int found = 0;
   const cublasStatus_t status =
-      cublasLtMatmulAlgoGetHeuristic(handle, desc.d, a.d, b.d, cl.d, d.d, pref.d, 1, &heuristic, &found);
-  if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
+      cublasLtMatmulAlgoGetHeuristic(handle, desc.d, a.d, b.d, cl.d, d.d, pref.d, kOffers, offers, &found);
+  const cublasLtMatmulAlgo_t* algo = nullptr;
+  for (int i = 0; status == CUBLAS_STATUS_SUCCESS && i < found && algo == nullptr; ++i) {
+    int32_t out_of_place = 0;
+    size_t written = 0;
+    if (offers[i].state == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulAlgoCapGetAttribute(&offers[i].algo, CUBLASLT_ALGO_CAP_OUT_OF_PLACE_RESULT_SUPPORT,
+                                          &out_of_place, sizeof(out_of_place), &written) == CUBLAS_STATUS_SUCCESS &&
+        out_of_place != 0) {
+      algo = &offers[i].algo;
+    }
+  }
+  if (algo == nullptr) {
     // cuBLASLt has no kernel for these operands (e.g. 2-byte-aligned rows of an odd k): torch's GEMM does.
     linear_add_aten(c);
     return c.out;
   }
   const float one = 1.0f;
   TORCH_CUDABLAS_CHECK(cublasLtMatmul(handle, desc.d, &one, c.weight.const_data_ptr(), a.d, c.x.const_data_ptr(), b.d,
-                                      &one, c.residual.const_data_ptr(), cl.d, c.out.data_ptr(), d.d,
-                                      &heuristic.algo, at::cuda::getCUDABlasLtWorkspace(), workspace_bytes,
+                                      &one, c.residual.const_data_ptr(), cl.d, c.out.data_ptr(), d.d, algo,
+                                      at::cuda::getCUDABlasLtWorkspace(), workspace_bytes,
                                       c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
   return c.out;
 }
