@@ -9,7 +9,8 @@
 // It checks the blind parts in order, each against a CPU reference:
 //   1. wgmma with A and B in shared memory, both K-major, in the interleaved (no-swizzle) layout of 8x16-byte
 //      core matrices: the matrix-descriptor strides, the accumulator fragment layout. Both readings of the
-//      descriptor's two strides (LBO along K, SBO along M/N, or the other way round) are tried.
+//      descriptor's two strides (LBO along K and SBO along M/N, or the other way round) are tried, the second
+//      only if the first fails.
 //   2. wgmma with A from registers (the P of attention) and B MN-major in shared memory (V): the register
 //      fragment and the transposed-B descriptor, again under both readings.
 //   3. The attention kernel itself at SD's head dims (40 padded to 48, 64, 80, 160), fp16, with the readings
@@ -110,8 +111,10 @@ __host__ __device__ inline void acc_position(int t, int reg, int* row, int* col)
 template <bool kRegA>
 __global__ void __launch_bounds__(128) layout_test(const __half* a, const __half* b, float* raw, float* d_out,
                                                    Strides sa, Strides sb) {
-  __shared__ __align__(128) __half s_a[64 * 32];
-  __shared__ __align__(128) __half s_b[64 * 32];
+  // 4x the tiles' size: under a wrong reading of the strides the MMA reads past a tile, and must stay inside
+  // this block's shared memory (an illegal address would end the whole run).
+  __shared__ __align__(128) __half s_a[4 * 64 * 32];
+  __shared__ __align__(128) __half s_b[4 * 64 * 32];
   const int t = threadIdx.x;
   char* pa = reinterpret_cast<char*>(s_a);
   char* pb = reinterpret_cast<char*>(s_b);
@@ -482,11 +485,12 @@ int main(int argc, char** argv) {
     std::printf("wgmma_attention: needs an sm_90 GPU (H100/H200), this one is sm_%d%d; nothing run\n", major, minor);
     return 0;
   }
+  // Reading 0 first (the one the kernel is written for); the other only if it fails.
   int k_reading = -1, mn_reading = -1;
-  for (int reading = 0; reading < 2; ++reading)
-    if (run_layout_test(false, reading, dir) && k_reading < 0) k_reading = reading;
-  for (int reading = 0; reading < 2; ++reading)
-    if (run_layout_test(true, reading, dir) && mn_reading < 0) mn_reading = reading;
+  for (int reading = 0; reading < 2 && k_reading < 0; ++reading)
+    if (run_layout_test(false, reading, dir)) k_reading = reading;
+  for (int reading = 0; reading < 2 && mn_reading < 0; ++reading)
+    if (run_layout_test(true, reading, dir)) mn_reading = reading;
   if (k_reading < 0 || mn_reading < 0) {
     std::printf("wgmma_attention: a layout test failed under both readings; the attention kernel is not run\n");
     return 1;
