@@ -12,7 +12,7 @@
 //      descriptor's two strides (LBO along K and SBO along M/N, or the other way round) are tried, the second
 //      only if the first fails.
 //   2. wgmma with A from registers (the P of attention) and B MN-major in shared memory (V): the register
-//      fragment and the transposed-B descriptor, again under both readings.
+//      fragment and the transposed-B descriptor, likewise.
 //   3. The attention kernel itself at SD's head dims (40 padded to 48, 64, 80, 160), fp16, with the readings
 //      that passed, against float64 softmax on sampled rows; then its time and TFLOP/s.
 // Version 1 is deliberately plain: one warpgroup per 64 query rows, cp.async double buffering of 64-key K/V
