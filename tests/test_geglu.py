@@ -39,11 +39,13 @@ def test_matches_float64(poisoned, device, dtype, with_bias, shape):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_rows_are_read_in_place(poisoned, device, dtype):
-    """A column slice of a wider GEMM output (rows 3F + 8 apart, over two leading dims) and a transposed view
-    (rows not evenly strided, so copied first) give the values of their dense copies."""
+    """A column slice of a wider GEMM output (rows 3F + 8 apart, over two leading dims), a transposed view
+    (rows not evenly strided, so copied first) and a single row with strided elements (copied too) give the
+    values of their dense copies."""
     g = torch.Generator().manual_seed(1)
     wide = torch.randn(3, 4, 3 * 48 + 8, generator=g).to(device, dtype)
-    for h in (wide[..., 8:8 + 96], torch.randn(96, 12, generator=g).to(device, dtype).t()):
+    for h in (wide[..., 8:8 + 96], torch.randn(96, 12, generator=g).to(device, dtype).t(),
+              torch.randn(96, 3, generator=g).to(device, dtype)[:, 0][None]):
         bias = torch.randn(h.shape[-1], generator=g).to(device, dtype)
         assert not h.is_contiguous()
         torch.testing.assert_close(torch.ops.sdcore.geglu(h, bias), torch.ops.sdcore.geglu(h.contiguous(), bias),

@@ -197,11 +197,9 @@ GegluCall prepare_geglu(const at::Tensor& h_in, const std::optional<at::Tensor>&
     dtype_of(*bias, op, "bias");
     c.bias = bias->to(h_in.scalar_type()).contiguous();
   }
-  // [rows, 2F] rows read in place where reshape gives a view with a contiguous last dim and non-overlapping rows
-  // (a column slice of a wider GEMM output, a batch of them); otherwise a dense copy.
+  // [rows, 2F] rows read in place where they are (a column slice of a wider GEMM output, a batch of them).
   const int64_t rows = two_f == 0 ? 0 : h_in.numel() / two_f;
-  at::Tensor h2 = h_in.reshape({rows, two_f});
-  if (rows > 1 && (h2.stride(1) != 1 || h2.stride(0) < two_f)) h2 = h2.contiguous();
+  at::Tensor h2 = rows_view(h_in, rows, two_f);
   c.h = h2;
   std::vector<int64_t> out_shape = h_in.sizes().vec();
   out_shape.back() = two_f / 2;
