@@ -10,7 +10,9 @@ Build without build isolation, against the torch sdcore will run with:
 Environment:
   SDCORE_CUDA=0            CPU-only build.
   SDCORE_CUDA=1            CUDA required: fail loudly if it can't be built.
-  TORCH_CUDA_ARCH_LIST     e.g. "8.0;9.0+PTX" (default: sm_80 and sm_90 + PTX).
+  TORCH_CUDA_ARCH_LIST     e.g. "8.0;9.0a" (default "8.0+PTX;9.0a": sm_80 code + PTX for newer GPUs, and
+                           sm_90a, the Hopper code with the wgmma attention kernel; "9.0" builds sm_90 code
+                           without that kernel).
   MAX_JOBS                 parallel compile jobs (ninja), as torch defines it.
   CUDA_HOME                toolkit root; found automatically when unset (also behind an nvcc wrapper).
   SDCORE_SKIP_EXTENSION=1  package only, no compile: `make` builds the extension in place with ninja
@@ -32,7 +34,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from cuda_env import extra_cuda_include_dirs, find_cuda_home  # noqa: E402
 from sdcore_backend import require_torch  # noqa: E402
 
-DEFAULT_ARCHS = "8.0;9.0+PTX"
+DEFAULT_ARCHS = "8.0+PTX;9.0a"
 BUILD_CONFIG = "_build_config.json"
 # Commands that compile or install the extension; anything else (egg_info, dist_info, sdist, clean) only
 # needs the metadata, so an sdist builds without torch.
@@ -91,12 +93,19 @@ def build_extension():
         ext = CppExtension("sdcore._C", sources, depends=depends, extra_compile_args={"cxx": cxx},
                            extra_link_args=link)
         return ext, BuildExtension, record
-    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    # The Hopper kernels' instantiation files only when the build makes sm_90a code (the arch-specific
+    # Hopper target that has wgmma); SDCORE_WITH_SM90A tells the dispatch they are there.
+    with_sm90a = "9.0a" in [a.split("+")[0] for a in archs.replace(" ", ";").split(";")]
+    sources += [f for f in cuda_sources if with_sm90a or not os.path.basename(f).startswith("attention_sm90_")]
     depends += sorted(glob.glob("csrc/cuda/*.h") + glob.glob("csrc/cuda/*.cuh"))
     cxx += ["-DSDCORE_WITH_CUDA", f'-DSDCORE_CUDA_ARCHS="{archs.replace(";", " ")}"',
             f'-DSDCORE_BUILT_WITH_CUDA="{torch.version.cuda}"']
     cxx += [f"-idirafter{d}" for d in extra_cuda_include_dirs()]
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills"]
+    if with_sm90a:
+        cxx.append("-DSDCORE_WITH_SM90A")
+        nvcc.append("-DSDCORE_WITH_SM90A")
     ext = CUDAExtension("sdcore._C", sources, depends=depends, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                         extra_link_args=link)
     return ext, BuildExtension, record

@@ -3,8 +3,9 @@
 # builds the extension for this card, runs the CUDA tests and compute-sanitizer, `sdcore validate` on the ops
 # and on the SD 1.5 model, the op and pipeline benchmarks and `sdcore profile`, writing to OUTDIR (8 files:
 # device.txt build.log tests.log validate.txt bench.txt pipeline.json prof/summary.json prof/hotspots.png), and
-# on an sm_90 card the Hopper wgmma attention harness (hopper/: its layout tests' verdicts, raw dumps, timings).
-# About 5 minutes on an H100/H200.
+# on an sm_90 card the Hopper (wgmma) attention kernel: the harness's layout tests (hopper/: verdicts, raw
+# dumps, timings), then the attention tests, validate, memcheck, racecheck and the attention bench with
+# SDCORE_CUDA_ATTENTION=sm90. About 7 minutes on an H100/H200.
 #   bench/gpu_check.sh OUTDIR
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -24,8 +25,10 @@ fi
 step "device"
 nvidia-smi | tee "$OUT/device.txt"
 cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-# Only this card's arch: a build for every arch would eat the time budget.
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap}
+# Only this card's arch: a build for every arch would eat the time budget. Hopper builds 9.0a, the
+# arch-specific target that has wgmma (the sm90 attention kernel).
+arch=$cap; [ "$cap" = "9.0" ] && arch=9.0a
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 step "build (archs $TORCH_CUDA_ARCH_LIST)"
@@ -58,11 +61,27 @@ if [ "$cap" = "9.0" ]; then
   mkdir -p "$OUT/hopper"
   nvcc_bin=$($PY -c "import sys; sys.path.insert(0, 'tools'); from cuda_env import find_cuda_home as f; print(f() or '')")/bin/nvcc
   if timeout 120 "$nvcc_bin" -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-      bench/hopper/wgmma_attention.cu -o /tmp/wgmma_attention > "$OUT/hopper/build.log" 2>&1; then
+      bench/hopper/wgmma_attention.cu csrc/cuda/device_info.cpp -o /tmp/wgmma_attention > "$OUT/hopper/build.log" 2>&1; then
     timeout 120 /tmp/wgmma_attention "$OUT/hopper" | tee "$OUT/hopper/result.txt"
   else
     tail -20 "$OUT/hopper/build.log"; echo "hopper harness: build failed"
   fi
+  step "the sm90 attention kernel in sdcore (SDCORE_CUDA_ATTENTION=sm90): tests, validate, memcheck, racecheck, bench"
+  SDCORE_CUDA_ATTENTION=sm90 timeout 150 $PY -m pytest -q -rfE --maxfail=20 tests/test_attention.py -k cuda \
+    -p no:cacheprovider > "$OUT/hopper/tests.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$OUT/hopper/tests.log" | head -20; tail -3 "$OUT/hopper/tests.log"
+  SDCORE_CUDA_ATTENTION=sm90 timeout 60 $PY -m sdcore validate --device cuda > "$OUT/hopper/validate.txt" 2>&1 \
+    || status=1
+  tail -3 "$OUT/hopper/validate.txt"
+  for tool in memcheck racecheck; do
+    SDCORE_CUDA_ATTENTION=sm90 timeout 90 compute-sanitizer --tool $tool --error-exitcode 3 \
+      $PY bench/sanitize_ops.py --attention-only > "$OUT/hopper/$tool.log" 2>&1 || status=1
+    tail -3 "$OUT/hopper/$tool.log"
+  done
+  echo "# attention with SDCORE_CUDA_ATTENTION=sm90 (the wgmma kernel where it applies; same shapes as above)" \
+    | tee -a "$OUT/bench.txt"
+  SDCORE_CUDA_ATTENTION=sm90 timeout 60 $PY bench/ops.py --device cuda --dtype fp16 --ops attention \
+    | tee -a "$OUT/bench.txt" || status=1
 else
   echo "not an sm_90 card ($cap): skipped"
 fi

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdcore import _backend, ops, reference
+from sdcore import _backend, _ext, ops, reference
 
-from conftest import check_precision, check_special, devices, rel_error
+from conftest import CUDA_SKIP, check_precision, check_special, devices, rel_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -209,3 +209,90 @@ def test_non_tensor_argument_is_a_type_error(backend, call, message):
     with sdcore.use_backend(backend), pytest.raises(TypeError) as info:
         call(torch.randn(1, 2, 4, 8))
     assert str(info.value) == message
+
+
+# ------------------------------------------------------------------ the Hopper (sm_90, wgmma) kernel
+# Opt-in (SDCORE_CUDA_ATTENTION=sm90) until it has been measured on a card; bench/gpu_check.sh also runs this
+# whole file with it on.
+
+def _sm90_unavailable():
+    """None where the sm_90 kernel can run here, else why not."""
+    if not torch.cuda.is_available():
+        return CUDA_SKIP
+    reason = _ext.cuda_device_reason(torch.cuda.current_device())
+    if reason:
+        return reason
+    cap = torch.cuda.get_device_capability()
+    if cap != (9, 0):
+        return f"the sm_90 kernel needs a cc 9.0 GPU (H100/H200); this one is sm_{cap[0]}{cap[1]}"
+    if "9.0a" not in [a.split("+")[0] for a in _ext.build_info()["cuda_archs"]]:
+        return "built without 9.0a in TORCH_CUDA_ARCH_LIST, so without the sm_90 kernel"
+    return None
+
+
+needs_sm90 = pytest.mark.skipif(_sm90_unavailable() is not None, reason=str(_sm90_unavailable()))
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    monkeypatch.setenv("SDCORE_CUDA_ATTENTION", "sm90")
+
+
+def _cuda_kernels_run(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+@needs_sm90
+@pytest.mark.parametrize("choice,kernel,not_kernel", [(None, "flash_reg_kernel", "flash_wgmma_kernel"),
+                                                      ("sm80", "flash_reg_kernel", "flash_wgmma_kernel"),
+                                                      ("sm90", "flash_wgmma_kernel", "flash_reg_kernel")])
+def test_cuda_attention_kernel_choice(monkeypatch, choice, kernel, not_kernel):
+    if choice is None:
+        monkeypatch.delenv("SDCORE_CUDA_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("SDCORE_CUDA_ATTENTION", choice)
+    q, k, v = _inputs(1, 2, 256, 256, 40, "cuda", torch.float16)
+    names = _cuda_kernels_run(lambda: ops.attention(q, k, v))
+    assert any(kernel in n for n in names) and not any(not_kernel in n for n in names), names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_SKIP)
+def test_cuda_unknown_attention_kernel_choice_is_an_error(monkeypatch):
+    monkeypatch.setenv("SDCORE_CUDA_ATTENTION", "sm100")
+    q, k, v = _inputs(1, 1, 8, 8, 64, "cuda", torch.float16)
+    with pytest.raises(RuntimeError, match="SDCORE_CUDA_ATTENTION must be 'sm80' or 'sm90', not 'sm100'"):
+        ops.attention(q, k, v)
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [40, 64, 80, 160])
+@pytest.mark.parametrize("n,m,causal", [(1, 1, False), (77, 77, True), (97, 77, False), (1025, 97, False),
+                                        (64, 1025, False), (130, 130, True), (200, 64, True), (4096, 4096, False)])
+def test_cuda_sm90_head_dims_lengths_and_masks(poisoned, sm90, dtype, d, n, m, causal):
+    _check(*_inputs(1, 3, n, m, d, "cuda", dtype), causal=causal)
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_sm90_fused_projection_views_and_odd_batch(poisoned, sm90, dtype):
+    g = torch.Generator().manual_seed(3)
+    # SD 1.x self-attention as the UNet calls it: q, k, v strided views of one [B, N, 3, H, D] projection.
+    qkv = torch.randn(3, 333, 3, 8, 40, generator=g).to("cuda", dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    names = _cuda_kernels_run(lambda: _check(q, k, v, scale=0.3))
+    assert any("flash_wgmma_kernel" in n for n in names), names
+
+
+@needs_sm90
+@pytest.mark.parametrize("d,dtype,kernel", [(59, torch.float16, "flash_reg_kernel"),     # rows not 16-byte
+                                            (512, torch.float16, "flash_split_kernel"),  # outside its table
+                                            (32, torch.bfloat16, "flash_reg_kernel"),
+                                            (64, torch.float32, "flash_simt_kernel")])
+def test_cuda_sm90_falls_back_where_it_does_not_apply(poisoned, sm90, d, dtype, kernel):
+    q, k, v = _inputs(1, 2, 130, 97, d, "cuda", dtype)
+    names = _cuda_kernels_run(lambda: _check(q, k, v))
+    assert any(kernel in n for n in names) and not any("flash_wgmma_kernel" in n for n in names), names

@@ -37,37 +37,75 @@ def test_generated_attention_instances_match_a_fresh_run():
     assert run.returncode == 0, run.stderr
 
 
-def test_hopper_harness_is_generated_and_compiles_for_sm90a(tmp_path):
-    """bench/hopper (the wgmma attention harness that bench/gpu_check.sh runs on an H100/H200) keeps compiling:
-    its wgmma wrappers are what gen_wgmma_ops.py writes now, and ptxas accepts the whole program for sm_90a
-    with the matrix instructions the kernel is about (HGMMA) and nothing in local memory."""
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "hopper" / "gen_wgmma_ops.py"), "--check"],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    home = cuda_env.find_cuda_home()
-    if home is None:
-        pytest.skip("no CUDA toolkit: nothing to compile the harness with")
-    exe = tmp_path / "wgmma_attention"
-    build = subprocess.run([os.path.join(home, "bin", "nvcc"), "-O3", "-std=c++17",
-                            "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
-                            str(ROOT / "bench" / "hopper" / "wgmma_attention.cu"), "-o", str(exe)],
-                           capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-3000:]
-    report = build.stdout + build.stderr
-    assert "bytes stack frame" in report and all(
-        line.strip().startswith("0 bytes stack frame") for line in report.splitlines() if "bytes stack frame" in line)
-    # The toolkit's cuobjdump, else the one Triton's package carries (a pip toolkit may have none).
+def _cuobjdump(home):
+    """The toolkit's cuobjdump, else the one Triton's package carries (a pip toolkit may have none)."""
     candidates = [Path(home) / "bin" / "cuobjdump"]
     try:
         import triton
         candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     except ImportError:
         pass
-    cuobjdump = next((str(c) for c in candidates if c.exists()), None)
+    return next((str(c) for c in candidates if c.exists()), None)
+
+
+def test_wgmma_wrappers_match_a_fresh_run():
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_wgmma_ops.py"), "--check"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def test_hopper_harness_compiles_for_sm90a(tmp_path):
+    """bench/hopper (the layout tests of the sm_90 attention kernel that bench/gpu_check.sh runs on an
+    H100/H200) keeps compiling against the kernel's header: ptxas accepts it for sm_90a with the matrix
+    instructions the kernel is about (HGMMA) and nothing in local memory."""
+    home = cuda_env.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit: nothing to compile the harness with")
+    exe = tmp_path / "wgmma_attention"
+    build = subprocess.run([os.path.join(home, "bin", "nvcc"), "-O3", "-std=c++17",
+                            "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
+                            str(ROOT / "bench" / "hopper" / "wgmma_attention.cu"),
+                            str(ROOT / "csrc" / "cuda" / "device_info.cpp"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    report = build.stdout + build.stderr
+    assert "bytes stack frame" in report and all(
+        line.strip().startswith("0 bytes stack frame") for line in report.splitlines() if "bytes stack frame" in line)
+    cuobjdump = _cuobjdump(home)
     if cuobjdump is not None:
         sass = subprocess.run([cuobjdump, "-sass", str(exe)], capture_output=True, text=True).stdout
         for width in (48, 64, 80, 160):
             assert f"HGMMA.64x{width}x16.F32" in sass, f"no 64x{width} wgmma in the harness's SASS"
+
+
+def test_extension_has_the_hopper_kernels_when_built_for_sm90a():
+    """The arch axis of the build: with 9.0a in the arch list (the default), the extension carries sm_90a code
+    with the wgmma attention kernel for every (dtype, padded head dim) of its table, fp16 and bf16; without it,
+    none of that code (the sm90 instantiation files are not compiled at all)."""
+    info = _ext.build_info()
+    if not info["cuda"]:
+        pytest.skip("a CPU-only build has no CUDA code to inspect")
+    home = cuda_env.find_cuda_home()
+    cuobjdump = _cuobjdump(home) if home else None
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (toolkit or triton) to read the extension's SASS with")
+    lib = Path(_ext.__file__).parent
+    so = next(iter(sorted(lib.glob("_C*.so"))), None)
+    assert so is not None, f"no compiled extension in {lib}"
+    listing = subprocess.run([cuobjdump, "--list-elf", str(so)], capture_output=True, text=True).stdout
+    with_sm90a = "9.0a" in [a.split("+")[0] for a in info["cuda_archs"]]
+    assert ("sm_90a" in listing) == with_sm90a, listing
+    if not with_sm90a:
+        return
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90a", str(so)], capture_output=True, text=True).stdout
+    kernels = {line.split("Function : ")[1].strip() for line in sass.splitlines() if "Function : " in line}
+    wgmma = sorted(k for k in kernels if "flash_wgmma_kernel" in k)
+    # __half and __nv_bfloat16 at 48, 64, 80, 160 (the mangled names carry the dtype and Li<dp>E).
+    for dtype in ("6__half", "13__nv_bfloat16"):
+        for dp in (48, 64, 80, 160):
+            assert any(dtype in k and f"Li{dp}E" in k for k in wgmma), (dtype, dp, wgmma)
+    for width in (48, 64, 80, 160):
+        assert f"HGMMA.64x{width}x16.F32.BF16" in sass and f"HGMMA.64x{width}x16.F32 " in sass, width
 
 
 def test_build_records_the_torch_it_compiled_against():
@@ -97,6 +135,11 @@ def test_arch_matching(monkeypatch):
         reason = _reason_with(monkeypatch, ["8.0", "9.0+PTX"], cap)
         assert (reason is None) == ok, (cap, reason)
     assert "compiled for 8.0;9.0" in _reason_with(monkeypatch, ["8.0", "9.0"], (10, 0))
+    # The default: sm_80 SASS + PTX, and Hopper's arch-specific sm_90a, which runs on cc 9.0 only.
+    for cap, ok in [((9, 0), True), ((8, 0), True), ((8, 6), True), ((10, 0), True), ((12, 0), True), ((7, 5), False)]:
+        reason = _reason_with(monkeypatch, ["8.0+PTX", "9.0a"], cap)
+        assert (reason is None) == ok, (cap, reason)
+    assert "compiled for 9.0a" in _reason_with(monkeypatch, ["9.0a"], (10, 0))
 
 
 def test_device_query_compiles_into_one_graph(monkeypatch):

@@ -26,6 +26,9 @@ struct AttentionParams {
   float scale;  // multiplies q.k before the softmax
   bool causal;  // query i sees keys j <= i (top-left aligned, as torch's is_causal)
   DType dtype;
+  // CUDA: run the Hopper (wgmma) kernel where it applies (SDCORE_CUDA_ATTENTION=sm90; opt-in until measured on
+  // a card). The CPU kernel ignores it.
+  bool use_sm90 = false;
 };
 
 // x is [B, C, spatial...] viewed as [B, C, hw]; in channels_last the memory order is [B, hw, C].

@@ -1,5 +1,5 @@
 // Host-side launchers of the attention kernels. run_flash<T, kDp> is explicitly instantiated once per
-// (dtype, padded head dim) in the generated attention_<dtype>_d<dp>.cu and run_simt<T> in attention_simt.cu, so
+// (dtype, padded head dim) in the generated attention_sm80_<dtype>_d<dp>.cu and run_simt<T> in attention_simt.cu, so
 // ninja compiles them in parallel; every other file sees only the extern declarations at the bottom.
 #pragma once
 
@@ -87,7 +87,7 @@ cudaError_t run_flash(FlashArgs a, cudaStream_t stream) {
   }
 }
 
-// Every (dtype, padded head dim) has its instantiation file (tools/gen_attention_instances.py writes them
+// Every (dtype, padded head dim) of the sm80 family has its instantiation file (tools/gen_attention_instances.py writes them
 // with the list these macros expand).
 #define SDCORE_ATTN_EXTERN_FLASH(DP) SDCORE_ATTN_EXTERN_FLASH_T(__half, DP) SDCORE_ATTN_EXTERN_FLASH_T(__nv_bfloat16, DP)
 #define SDCORE_ATTN_EXTERN_FLASH_T(T, DP) extern template cudaError_t run_flash<T, DP>(FlashArgs, cudaStream_t);
@@ -95,6 +95,18 @@ SDCORE_ATTN_FOR_EACH_HEAD_DIM(SDCORE_ATTN_EXTERN_FLASH)
 #undef SDCORE_ATTN_EXTERN_FLASH_T
 #undef SDCORE_ATTN_EXTERN_FLASH
 extern template cudaError_t run_simt<float>(FlashArgs, cudaStream_t);
+
+// The Hopper kernel's launcher (attention_sm90.cuh), instantiated in the generated attention_sm90_*.cu, which
+// only builds with sm_90a code compile (SDCORE_WITH_SM90A).
+template <typename T, int kDp>
+cudaError_t run_flash_sm90(FlashArgs a, cudaStream_t stream);
+#ifdef SDCORE_WITH_SM90A
+#define SDCORE_ATTN_EXTERN_SM90(DP) SDCORE_ATTN_EXTERN_SM90_T(__half, DP) SDCORE_ATTN_EXTERN_SM90_T(__nv_bfloat16, DP)
+#define SDCORE_ATTN_EXTERN_SM90_T(T, DP) extern template cudaError_t run_flash_sm90<T, DP>(FlashArgs, cudaStream_t);
+SDCORE_ATTN_SM90_FOR_EACH_HEAD_DIM(SDCORE_ATTN_EXTERN_SM90)
+#undef SDCORE_ATTN_EXTERN_SM90_T
+#undef SDCORE_ATTN_EXTERN_SM90
+#endif
 extern template cudaError_t run_simt<__half>(FlashArgs, cudaStream_t);
 extern template cudaError_t run_simt<__nv_bfloat16>(FlashArgs, cudaStream_t);
 

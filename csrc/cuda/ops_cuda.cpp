@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "../common/checks.h"
 #include "launch.h"
 
@@ -13,10 +16,21 @@ namespace {
 
 cudaStream_t stream_for(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
+// SDCORE_CUDA_ATTENTION picks the kernel family: sm80 (the default, mma.sync) or sm90 (wgmma, where it applies:
+// a cc 9.0 device, a build with sm_90a code, fp16/bf16, 16-byte rows, a head dim in its table). Read per call,
+// so a process can switch (the tests do).
+bool attention_sm90_requested() {
+  const char* v = std::getenv("SDCORE_CUDA_ATTENTION");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "sm80") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "sm90") == 0, "SDCORE_CUDA_ATTENTION must be 'sm80' or 'sm90', not '", v, "'");
+  return true;
+}
+
 at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                           std::optional<double> scale) {
   c10::cuda::CUDAGuard guard(q.device());
   AttentionCall c = prepare_attention(q, k, v, causal, scale);
+  c.p.use_sm90 = attention_sm90_requested();
   C10_CUDA_CHECK(cuda::attention(c.p, stream_for(q)));
   mark_unseen_nonfinite_v(c);  // ATen ops on the same (current) stream
   return c.out;

@@ -1,0 +1,272 @@
+// The Hopper (sm_90a) attention kernel: flash_reg_kernel's algorithm (attention_kernel.cuh: online softmax in
+// the exp2 domain, the same masking and special-value rules) on the warpgroup MMA, wgmma.
+//
+//   - Each warpgroup (4 warps, 128 threads) owns 64 query rows; kWarpgroups of them share every K/V tile.
+//   - S = Q K^T: wgmma m64n64k16 with Q and K in shared memory, both K-major.
+//   - O += P V: wgmma m64nDk16 with P from registers (the S accumulators, rounded to the input dtype, are
+//     exactly the register A fragment) and V in shared memory, MN-major: no transposition anywhere.
+//   - K/V tiles are double-buffered with cp.async: tile j + 1 loads while tile j is multiplied.
+//   - Shared tiles use wgmma's no-swizzle layout: 8 x 8 "core matrices" of 8 rows x 16 bytes, each 128
+//     contiguous bytes (core_offset below); every operand is described to wgmma by a matrix descriptor.
+//
+// Status: written on a machine without a GPU, so nothing here has run yet. The dispatch only takes it when
+// asked (SDCORE_CUDA_ATTENTION=sm90, on a cc 9.0 device, from a build with 9.0a in TORCH_CUDA_ARCH_LIST).
+// bench/hopper/wgmma_attention.cu tests its layout assumptions one by one and bench/gpu_check.sh runs the
+// attention tests with it; the default moves to it once it passes there and beats the sm_80 kernel.
+// Not yet FlashAttention-3: no TMA, no producer/consumer warp specialization, no softmax overlapped with the
+// next MMA. Those are the next steps, on a card that can measure them.
+#pragma once
+
+#include "attention_launch.cuh"
+#include "wgmma_ops.cuh"
+
+namespace sdcore {
+namespace cuda {
+namespace attn {
+
+// Byte offset of row r's 16-byte chunk c (columns 8c..8c+7) in a tile of `rows` rows (a multiple of 8) in the
+// no-swizzle layout: core matrices run down the rows first (128 bytes apart), then along the columns (rows * 16
+// bytes apart).
+__host__ __device__ constexpr int core_offset(int r, int c, int rows) {
+  return ((c * (rows / 8)) + (r / 8)) * 128 + (r % 8) * 16;
+}
+
+// The two strides of a matrix descriptor, in bytes. In the no-swizzle layout LBO is the step between core
+// matrices adjacent along K and SBO the step between ones adjacent along M/N, for either major (CUTLASS's
+// canonical GMMA layouts, cute/atom/mma_traits_sm90_gmma.hpp). bench/hopper checks this on a card.
+struct DescStrides {
+  uint32_t lbo, sbo;
+};
+// A tile whose rows run along M/N and columns along K (Q and K: K-major).
+__host__ __device__ constexpr DescStrides k_major_strides(int rows) { return {static_cast<uint32_t>(rows) * 16, 128}; }
+// A tile whose rows run along K and columns along N (V: MN-major).
+__host__ __device__ constexpr DescStrides mn_major_strides(int rows) { return {128, static_cast<uint32_t>(rows) * 16}; }
+
+// Matrix descriptor: start address, LBO and SBO (each >> 4, 14 bits), base offset 0, no swizzle.
+__device__ __forceinline__ uint64_t make_desc(const void* smem, DescStrides s) {
+  const uint32_t addr = smem_addr(smem);
+  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>((s.lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((s.sbo >> 4) & 0x3FFF) << 32);
+}
+
+// Shared memory written through the generic proxy (cp.async, st.shared) and read next by wgmma (the async
+// proxy) needs this fence between the two, in the writing threads, before the barrier.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Pins accumulators in place around asynchronous MMAs: the compiler may not move their reads or writes across
+// this point (a wgmma asm statement writes d when issued as far as the compiler knows; the hardware does so by
+// the wait).
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Rows [row0, row0 + kRows) x columns [0, kDp) of a row-major matrix (row stride `stride`, 16-byte aligned
+// rows) into a no-swizzle tile by cp.async. Rows >= row_limit and columns >= d become zeros. Eight consecutive
+// threads fill one core matrix (128 contiguous bytes: no bank conflicts), the next eight the next chunk of the
+// same rows (so a warp reads 64 contiguous bytes of each of 8 rows).
+template <int kRows, int kDp, int kThreads>
+__device__ __forceinline__ void load_core_tile(unsigned char* s, const uint16_t* g, int64_t stride, int row0,
+                                               int row_limit, int d, int tid) {
+  constexpr int kChunks = kDp / 8, kTotal = kRows * kChunks;
+  static_assert(kRows % 8 == 0 && kDp % 8 == 0, "core matrices are 8 x 8");
+#pragma unroll
+  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+    const int idx = tid + i * kThreads;
+    if (kTotal % kThreads == 0 || idx < kTotal) {
+      const int rest = idx / 8;
+      const int c = rest % kChunks, r = (rest / kChunks) * 8 + idx % 8;
+      const int row = row0 + r, col = c * 8;
+      const bool ok = row < row_limit && col < d;
+      cp_async_16(s + core_offset(r, c, kRows), ok ? g + static_cast<int64_t>(row) * stride + col : g, ok ? 16 : 0);
+    }
+  }
+}
+
+// The sm_90 tile table, per padded head dim: warpgroups per block (64 query rows each) and keys per step.
+template <int kDp>
+struct Sm90Config;
+template <> struct Sm90Config<48>  { static constexpr int kWarpgroups = 2, kBc = 64; };
+template <> struct Sm90Config<64>  { static constexpr int kWarpgroups = 2, kBc = 64; };
+template <> struct Sm90Config<80>  { static constexpr int kWarpgroups = 2, kBc = 64; };
+template <> struct Sm90Config<160> { static constexpr int kWarpgroups = 1, kBc = 64; };
+
+// Q, then K of stages 0 and 1, then V of stages 0 and 1.
+constexpr size_t sm90_smem_bytes(int dp, int br, int bc) { return size_t(br + 4 * bc) * size_t(dp) * 2; }
+
+template <typename T, int kDp, int kWarpgroups, int kBc>
+__global__ void __launch_bounds__(kWarpgroups * 128) flash_wgmma_kernel(const FlashArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kThreads = kWarpgroups * 128, kBr = kWarpgroups * 64;
+  constexpr int kTileQ = kBr * kDp * 2, kTileKV = kBc * kDp * 2;  // bytes
+  constexpr int kLdO = kDp + 8;  // row pitch of the output staging tile (the sm_80 kernel's store_tile layout)
+  static_assert(kBc == 64, "S = Q K^T is one m64n64 wgmma per k-step");
+  static_assert(kDp % 16 == 0, "wgmma's k-step is 16");
+  static_assert(size_t(kBr) * kLdO * 2 <= 4 * size_t(kTileKV), "the output is staged in the K/V stages");
+  constexpr DescStrides kQStrides = k_major_strides(kBr), kKStrides = k_major_strides(kBc);
+  constexpr DescStrides kVStrides = mn_major_strides(kBc);
+
+  unsigned char* smem = dyn_smem();
+  unsigned char* sQ = smem;
+  unsigned char* sKV = smem + kTileQ;  // K stage s at s * kTileKV, V stage s at (2 + s) * kTileKV
+
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int g = lane / 4, tg = lane % 4;  // accumulator fragment: row in the warp's 8-row half, column pair
+  const int64_t bid = blockIdx.x;
+  // Heaviest (causal) query blocks first, as the sm_80 kernel.
+  const int q0 = (a.n_qblocks - 1 - static_cast<int>(bid % a.n_qblocks)) * kBr;
+  const HeadPtrs<uint16_t> ptr = head_ptrs<uint16_t>(a, bid / a.n_qblocks);
+  const int N = a.n, M = a.m, D = a.d;
+  const bool causal = a.causal;
+  const float sl2 = a.scale_log2;
+  const int kv_end = causal ? imin(M, q0 + kBr) : M;  // >= 1: key 0 is visible to every row
+  const int n_kv = (kv_end + kBc - 1) / kBc;
+  const int wg_row0 = q0 + wg * 64;  // this warpgroup's first query row
+  // The warpgroup's 64 Q rows start 64 / 8 core matrices down the tile.
+  const unsigned char* sQw = sQ + core_offset(wg * 64, 0, kBr);
+
+  load_core_tile<kBr, kDp, kThreads>(sQ, ptr.q, a.q_sn, q0, N, D, tid);
+  load_core_tile<kBc, kDp, kThreads>(sKV, ptr.k, a.k_sm, 0, M, D, tid);
+  load_core_tile<kBc, kDp, kThreads>(sKV + 2 * kTileKV, ptr.v, a.v_sm, 0, M, D, tid);
+  cp_async_commit();
+
+  // o[4i + e]: row 16 warp + g + 8 (e / 2), column 8i + 2 tg + e % 2 of the warpgroup's 64 x kDp block (the
+  // m16n8 accumulator layout, repeated along N); s likewise for the 64 x 64 scores.
+  float o[kDp / 2];
+#pragma unroll
+  for (int i = 0; i < kDp / 2; ++i) o[i] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // rows g and g + 8; sum: this thread's part
+
+  for (int j = 0; j < n_kv; ++j) {
+    const int kv0 = j * kBc, stage = j & 1;
+    unsigned char* sK = sKV + stage * kTileKV;
+    unsigned char* sV = sKV + (2 + stage) * kTileKV;
+    if (j + 1 < n_kv) {  // the other stage was released by the barrier that ended the last iteration
+      load_core_tile<kBc, kDp, kThreads>(sKV + (stage ^ 1) * kTileKV, ptr.k, a.k_sm, kv0 + kBc, M, D, tid);
+      load_core_tile<kBc, kDp, kThreads>(sKV + (2 + (stage ^ 1)) * kTileKV, ptr.v, a.v_sm, kv0 + kBc, M, D, tid);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();  // tile j (and Q) landed for every thread, and is visible to wgmma
+
+    // Causal: a warpgroup whose last row precedes this tile's first key has nothing left to do (a uniform
+    // branch per warpgroup, as wgmma needs).
+    if (!causal || kv0 <= wg_row0 + 63) {
+      float s[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+      fence_operands(s);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDp / 16; ++kk) {
+        wgmma_ss<T, 0, 0>(s, make_desc(sQw + core_offset(0, 2 * kk, kBr), kQStrides),
+                          make_desc(sK + core_offset(0, 2 * kk, kBc), kKStrides), kk > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s);
+
+      // Scale into the exp2 domain; -inf for keys >= M and (causal) keys after the row.
+      const bool need_mask = kv0 + kBc > M || (causal && kv0 + kBc - 1 > wg_row0);
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        float x = s[i] * sl2;
+        if (need_mask) {
+          const int row = wg_row0 + 16 * warp + g + 8 * ((i % 4) / 2);
+          const int col = kv0 + 8 * (i / 4) + 2 * tg + (i % 2);
+          if (col >= M || (causal && col > row)) x = -INFINITY;
+        }
+        s[i] = x;
+      }
+      // Online softmax; a row's 4 quad lanes hold all of its columns.
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int blk = 0; blk < 8; ++blk) mx = fmaxf(mx, fmaxf(s[4 * blk + 2 * hh], s[4 * blk + 2 * hh + 1]));
+        mx = quad_max(mx);
+        const float f = rescale_log2(row_max[hh], mx);
+        const float base = exp_base(row_max[hh]);
+        float sum = 0.0f;
+#pragma unroll
+        for (int blk = 0; blk < 8; ++blk) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = exp2f(s[4 * blk + 2 * hh + e] - base);
+            s[4 * blk + 2 * hh + e] = p;
+            sum += p;
+          }
+        }
+        row_sum[hh] = row_sum[hh] * f + sum;
+#pragma unroll
+        for (int blk = 0; blk < kDp / 8; ++blk) {
+          o[4 * blk + 2 * hh] *= f;
+          o[4 * blk + 2 * hh + 1] *= f;
+        }
+      }
+
+      // P as the register A operand: k-step kk covers keys 16kk.., the accumulator blocks 2kk and 2kk + 1.
+      uint32_t pa[kBc / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBc / 16; ++kk) {
+        pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      fence_operands(o);
+      wgmma_fence();  // orders the register writes (pa, o) before the MMAs read them
+#pragma unroll
+      for (int kk = 0; kk < kBc / 16; ++kk) {
+        wgmma_rs<T, 1>(o, pa[kk], make_desc(sV + core_offset(16 * kk, 0, kBc), kVStrides), 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(o);
+    }
+    __syncthreads();  // every thread is done with this stage before the next iteration refills it
+  }
+
+  // Normalize and stage the rows in the K/V stages (free after the loop's last barrier) with row pitch kDp + 8,
+  // then store them with 16-byte writes.
+  uint16_t* sO = reinterpret_cast<uint16_t*>(sKV);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const float inv = 1.0f / quad_sum(row_sum[hh]);  // NaN-preserving, as the sm_80 kernel
+    const int r = wg * 64 + 16 * warp + g + 8 * hh;
+#pragma unroll
+    for (int blk = 0; blk < kDp / 8; ++blk) {
+      *reinterpret_cast<uint32_t*>(sO + r * kLdO + 8 * blk + 2 * tg) =
+          pack2<T>(o[4 * blk + 2 * hh] * inv, o[4 * blk + 2 * hh + 1] * inv);
+    }
+  }
+  __syncthreads();
+  store_tile<kBr, kDp, kThreads>(ptr.o, a.o_sn, sO, q0, N, D, true, tid);
+#elif defined(__CUDA_ARCH__)
+  // Compiled for another arch: the host never launches this (run_flash_sm90 is only dispatched on sm_90 from a
+  // build with sm_90a code), so reaching here is a dispatch bug; fail loudly rather than return garbage.
+  __trap();
+#endif
+}
+
+// Needs a.vec (16-byte aligned rows, d % 8 == 0), an fp16/bf16 T and a cc 9.0 device; attention.cu checks.
+template <typename T, int kDp>
+cudaError_t run_flash_sm90(FlashArgs a, cudaStream_t stream) {
+  using C = Sm90Config<kDp>;
+  constexpr int kBr = C::kWarpgroups * 64;
+  constexpr size_t smem = sm90_smem_bytes(kDp, kBr, C::kBc);
+  size_t max_smem = 0;
+  const cudaError_t err = max_dynamic_smem(&max_smem);
+  if (err != cudaSuccess) return err;
+  if (smem > max_smem) return cudaErrorInvalidConfiguration;  // every sm_90 part has 227 KB; the table needs <= 100 KB
+  return launch_kernel(flash_wgmma_kernel<T, kDp, C::kWarpgroups, C::kBc>, a, kBr, C::kWarpgroups * 128, smem,
+                       stream);
+}
+
+}  // namespace attn
+}  // namespace cuda
+}  // namespace sdcore
