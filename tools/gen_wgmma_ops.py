@@ -34,16 +34,24 @@ def _by_dtype(asm_for) -> str:
             f"{half}  }}\n")
 
 
+def _asm(t: str, n: int, operands: str, pred: int, flags: str, inputs: str) -> str:
+    """One wgmma asm statement: the N/2 accumulators, then `operands` (A and B), the predicate that is
+    scale-d (operand `pred`), unit scales of A and B, and the transpose `flags`."""
+    r = n // 2
+    return (f'    asm volatile(\n'
+            f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{pred}, 0;\\n"\n'
+            f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{_regs(0, r)}}}, {operands}, p, 1, 1, '
+            f'{flags};\\n}}\\n"\n'
+            f'        : {_acc_operands(r)}\n'
+            f'        : {inputs});\n')
+
+
 def ss(n: int) -> str:
     r = n // 2
 
     def asm(t: str) -> str:
-        return (f'    asm volatile(\n'
-                f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 2}, 0;\\n"\n'
-                f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{_regs(0, r)}}}, %{r}, %{r + 1}, p, 1, 1, '
-                f'%{r + 3}, %{r + 4};\\n}}\\n"\n'
-                f'        : {_acc_operands(r)}\n'
-                f'        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA), "n"(TB));\n')
+        return _asm(t, n, f"%{r}, %{r + 1}", r + 2, f"%{r + 3}, %{r + 4}",
+                    '"l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA), "n"(TB)')
 
     return (f"// D[64 x {n}] = (scale_d ? D : 0) + A[64 x 16] . B[16 x {n}], A and B in shared memory (descriptors).\n"
             f"// TA/TB: the operands' transpose flags (0: K-major, 1: MN-major).\n"
@@ -56,12 +64,8 @@ def rs(n: int) -> str:
     r = n // 2
 
     def asm(t: str) -> str:
-        return (f'    asm volatile(\n'
-                f'        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{r + 5}, 0;\\n"\n'
-                f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{t}.{t} {{{_regs(0, r)}}}, {{{_regs(r, 4)}}}, %{r + 4}, '
-                f'p, 1, 1, %{r + 6};\\n}}\\n"\n'
-                f'        : {_acc_operands(r)}\n'
-                f'        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TB));\n')
+        return _asm(t, n, f"{{{_regs(r, 4)}}}, %{r + 4}", r + 5, f"%{r + 6}",
+                    '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(TB)')
 
     return (f"// D[64 x {n}] = (scale_d ? D : 0) + A[64 x 16] . B[16 x {n}], A in registers (4 packed pairs per thread:\n"
             f"// the m16n8k16 A fragment of the thread's warp's 16 rows), B in shared memory; TB: B's transpose flag.\n"
