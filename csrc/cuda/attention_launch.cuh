@@ -87,17 +87,19 @@ cudaError_t run_flash(FlashArgs a, cudaStream_t stream) {
   }
 }
 
-// Every (dtype, padded head dim) of the sm80 family has its instantiation file (tools/gen_attention_instances.py writes them
-// with the list these macros expand).
+// Every (dtype, padded head dim) of the sm80 family has its instantiation file (tools/gen_attention_instances.py
+// writes them with the list these macros expand).
 #define SDCORE_ATTN_EXTERN_FLASH(DP) SDCORE_ATTN_EXTERN_FLASH_T(__half, DP) SDCORE_ATTN_EXTERN_FLASH_T(__nv_bfloat16, DP)
 #define SDCORE_ATTN_EXTERN_FLASH_T(T, DP) extern template cudaError_t run_flash<T, DP>(FlashArgs, cudaStream_t);
 SDCORE_ATTN_FOR_EACH_HEAD_DIM(SDCORE_ATTN_EXTERN_FLASH)
 #undef SDCORE_ATTN_EXTERN_FLASH_T
 #undef SDCORE_ATTN_EXTERN_FLASH
 extern template cudaError_t run_simt<float>(FlashArgs, cudaStream_t);
+extern template cudaError_t run_simt<__half>(FlashArgs, cudaStream_t);
+extern template cudaError_t run_simt<__nv_bfloat16>(FlashArgs, cudaStream_t);
 
-// The Hopper kernel's launcher (attention_sm90.cuh), instantiated in the generated attention_sm90_*.cu, which
-// only builds with sm_90a code compile (SDCORE_WITH_SM90A).
+// The Hopper kernel's launcher (attention_sm90.cuh), instantiated in the generated attention_sm90_*.cu, compiled
+// only into builds with sm_90a code (SDCORE_WITH_SM90A).
 template <typename T, int kDp>
 cudaError_t run_flash_sm90(FlashArgs a, cudaStream_t stream);
 #ifdef SDCORE_WITH_SM90A
@@ -107,8 +109,6 @@ SDCORE_ATTN_SM90_FOR_EACH_HEAD_DIM(SDCORE_ATTN_EXTERN_SM90)
 #undef SDCORE_ATTN_EXTERN_SM90_T
 #undef SDCORE_ATTN_EXTERN_SM90
 #endif
-extern template cudaError_t run_simt<__half>(FlashArgs, cudaStream_t);
-extern template cudaError_t run_simt<__nv_bfloat16>(FlashArgs, cudaStream_t);
 
 }  // namespace attn
 }  // namespace cuda
