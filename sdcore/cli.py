@@ -7,6 +7,7 @@ gets the one line."""
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -47,6 +48,11 @@ def cmd_info(args) -> int:
         print(f"cpu kernels   {cpu}")
         archs = ";".join(info["cuda_archs"]) or "-"
         print(f"cuda kernels  {'yes, archs ' + archs if info['cuda'] else 'no (CPU-only build)'}")
+        if info["cuda"]:
+            hopper = "9.0a" in [a.split("+")[0] for a in info["cuda_archs"]]
+            family = os.environ.get("SDCORE_CUDA_ATTENTION") or "sm80"
+            print(f"cuda attn     {family} (SDCORE_CUDA_ATTENTION; sm90, the experimental Hopper kernel, is "
+                  f"{'in this build' if hopper else 'not in this build: no 9.0a arch'})")
     print(f"cpu           {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}")
     if torch.cuda.is_available():

@@ -1,7 +1,10 @@
+import os
 import subprocess
 import sys
 
 import pytest
+
+from sdcore import _ext
 
 
 def sdcore(*args, check=False):
@@ -12,6 +15,17 @@ def test_info_lists_build_devices_and_backend():
     out = sdcore("info", check=True).stdout
     for fragment in ("torch", "cpu kernels   yes", "cuda kernels", "backend       kernels"):
         assert fragment in out, out
+
+
+def test_info_names_the_cuda_attention_family():
+    if not _ext.build_info()["cuda"]:
+        pytest.skip("a CPU-only build has no CUDA attention to name")
+    env = {**os.environ, "SDCORE_CUDA_ATTENTION": "sm90"}
+    out = subprocess.run([sys.executable, "-m", "sdcore", "info"], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    hopper = "9.0a" in [a.split("+")[0] for a in _ext.build_info()["cuda_archs"]]
+    assert "cuda attn     sm90 (SDCORE_CUDA_ATTENTION" in out, out
+    assert ("is in this build" if hopper else "not in this build") in out, out
 
 
 def test_validate_passes_on_this_machine():
