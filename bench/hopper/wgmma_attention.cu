@@ -13,8 +13,9 @@
 //      1 the other way round, tried only if the first fails.
 //   2. wgmma with A from registers (the P of attention) and B MN-major in shared memory (V): the register
 //      fragment and the transposed-B descriptor, likewise.
-//   3. The kernel itself (run_flash_sm90) at SD's head dims (40 padded to 48, 64, 80, 160), fp16, against
-//      float64 softmax on sampled rows; then its time and TFLOP/s. Run only if reading 0 passed both tests.
+//   3. The kernel itself at SD's head dims (40 padded to 48, 64, 80, 160), fp16, against float64 softmax on
+//      sampled rows, then its time and TFLOP/s, each without and with the softmax overlapped with P.V
+//      (Sm90Config's kOverlap column). Run only if reading 0 passed both tests.
 // The library's own tests (tests/test_attention.py with SDCORE_CUDA_ATTENTION=sm90) then cover bf16, strides,
 // causal masks and awkward sizes.
 #include <cuda_fp16.h>
@@ -208,8 +209,9 @@ struct AttnResult {
   double rel_err = INFINITY, ms = 0.0, tflops = 0.0;
 };
 
-// One call of the library's launcher on contiguous [bh, n, d] fp16 tensors (batch 1, bh heads).
-template <int DP>
+// One call of the kernel on contiguous [bh, n, d] fp16 tensors (batch 1, bh heads), in the tile table's
+// warpgroup count and with the given kOverlap (the table's own choice is what sdcore runs).
+template <int DP, bool kOverlap>
 cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o, int bh, int n, int m, int d) {
   sdcore::AttentionParams p{};
   p.q = q, p.k = k, p.v = v, p.o = o;
@@ -222,10 +224,10 @@ cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o,
   p.dtype = sdcore::DType::kFloat16;
   const FlashArgs a = make_flash_args(p);
   if (!a.vec) return cudaErrorInvalidValue;  // the kernel loads 16-byte rows only
-  return run_flash_sm90<__half, DP>(a, nullptr);
+  return launch_flash_sm90<__half, DP, Sm90Config<DP>::kWarpgroups, kOverlap>(a, nullptr);
 }
 
-template <int DP>
+template <int DP, bool kOverlap>
 AttnResult run_attention(int bh, int n, int m, int d) {
   std::mt19937 gen(1000 + DP + n);
   const auto q = random_halves(static_cast<size_t>(bh) * n * d, gen);
@@ -235,7 +237,7 @@ AttnResult run_attention(int bh, int n, int m, int d) {
   CHECK(cudaMalloc(&dout, static_cast<size_t>(bh) * n * d * sizeof(__half)));
   CHECK(cudaMemset(dout, 0xFF, static_cast<size_t>(bh) * n * d * sizeof(__half)));  // NaN
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  CHECK(launch<DP>(dq, dk, dv, dout, bh, n, m, d));
+  CHECK((launch<DP, kOverlap>(dq, dk, dv, dout, bh, n, m, d)));
   CHECK(cudaDeviceSynchronize());
   std::vector<__half> out(static_cast<size_t>(bh) * n * d);
   CHECK(cudaMemcpy(out.data(), dout, out.size() * sizeof(__half), cudaMemcpyDeviceToHost));
@@ -277,10 +279,10 @@ AttnResult run_attention(int bh, int n, int m, int d) {
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) CHECK(launch<DP>(dq, dk, dv, dout, bh, n, m, d));
+  for (int i = 0; i < 3; ++i) CHECK((launch<DP, kOverlap>(dq, dk, dv, dout, bh, n, m, d)));
   constexpr int kReps = 20;
   CHECK(cudaEventRecord(start));
-  for (int i = 0; i < kReps; ++i) CHECK(launch<DP>(dq, dk, dv, dout, bh, n, m, d));
+  for (int i = 0; i < kReps; ++i) CHECK((launch<DP, kOverlap>(dq, dk, dv, dout, bh, n, m, d)));
   CHECK(cudaEventRecord(stop));
   CHECK(cudaEventSynchronize(stop));
   float ms = 0.0f;
@@ -316,21 +318,26 @@ int main(int argc, char** argv) {
     if (mn_reading == 1) std::printf("  fix: mn_major_strides must swap LBO and SBO (reading 1 passed)\n");
     return 1;
   }
-  std::printf("%-28s %10s %10s %10s\n", "attention fp16 (B*H, N, M, D)", "rel err", "ms", "TFLOP/s");
+  std::printf("%-36s %10s %10s %10s\n", "attention fp16 (B*H, N, M, D)", "rel err", "ms", "TFLOP/s");
   bool ok = true;
   auto report = [&](const char* name, AttnResult r) {
     const bool pass = r.rel_err < 4e-3;
     ok = ok && pass;
-    std::printf("%-28s %10.2e %10.3f %10.1f  %s\n", name, r.rel_err, r.ms, r.tflops, pass ? "PASS" : "FAIL");
+    std::printf("%-36s %10.2e %10.3f %10.1f  %s\n", name, r.rel_err, r.ms, r.tflops, pass ? "PASS" : "FAIL");
   };
-  // Smallest first: one K/V tile (no pipelining), then two tiles and both warpgroups, then SD's sizes.
-  report("1 64 64 64 (one tile)", run_attention<64>(1, 64, 64, 64));
-  report("1 128 128 64 (two tiles)", run_attention<64>(1, 128, 128, 64));
-  report("16 4096 4096 40 (pad 48)", run_attention<48>(16, 4096, 4096, 40));
-  report("16 4096 4096 64", run_attention<64>(16, 4096, 4096, 64));
-  report("16 4096 4096 80", run_attention<80>(16, 4096, 4096, 80));
-  report("16 1024 1024 160", run_attention<160>(16, 1024, 1024, 160));
-  report("16 1000 77 64 (tails)", run_attention<64>(16, 1000, 77, 64));
-  report("2 4096 77 40 (cross)", run_attention<48>(2, 4096, 77, 40));
+  // Smallest first: one K/V tile, then two tiles and both warpgroups, then SD's sizes; each without and with
+  // the softmax overlapped with P.V (Sm90Config::kOverlap picks one for sdcore).
+#define SDCORE_BOTH(NAME, DP, ...)                                      \
+  report(NAME, run_attention<DP, false>(__VA_ARGS__));                  \
+  report(NAME " overlap", run_attention<DP, true>(__VA_ARGS__));
+  SDCORE_BOTH("1 64 64 64 (one tile)", 64, 1, 64, 64, 64)
+  SDCORE_BOTH("1 128 128 64 (two tiles)", 64, 1, 128, 128, 64)
+  SDCORE_BOTH("16 4096 4096 40 (pad 48)", 48, 16, 4096, 4096, 40)
+  SDCORE_BOTH("16 4096 4096 64", 64, 16, 4096, 4096, 64)
+  SDCORE_BOTH("16 4096 4096 80", 80, 16, 4096, 4096, 80)
+  SDCORE_BOTH("16 1024 1024 160", 160, 16, 1024, 1024, 160)
+  SDCORE_BOTH("16 1000 77 64 (tails)", 64, 16, 1000, 77, 64)
+  SDCORE_BOTH("2 4096 77 40 (cross)", 48, 2, 4096, 77, 40)
+#undef SDCORE_BOTH
   return ok ? 0 : 1;
 }
