@@ -5,7 +5,8 @@
 //   - S = Q K^T: wgmma m64n64k16 with Q and K in shared memory, both K-major.
 //   - O += P V: wgmma m64nDk16 with P from registers (the S accumulators, rounded to the input dtype, are
 //     exactly the register A fragment) and V in shared memory, MN-major: no transposition anywhere.
-//   - K/V tiles are double-buffered with cp.async: tile j + 1 loads while tile j is multiplied.
+//   - K/V tiles are double-buffered with cp.async: tile j + 1 loads while tile j is multiplied (three buffers
+//     in the overlapped variant, where a warpgroup's softmax of tile j runs during its P.V of tile j - 1).
 //   - Shared tiles use wgmma's no-swizzle layout: 8 x 8 "core matrices" of 8 rows x 16 bytes, each 128
 //     contiguous bytes (core_offset below); every operand is described to wgmma by a matrix descriptor.
 //
@@ -13,8 +14,8 @@
 // asked (SDCORE_CUDA_ATTENTION=sm90, on a cc 9.0 device, from a build with 9.0a in TORCH_CUDA_ARCH_LIST).
 // bench/hopper/wgmma_attention.cu tests its layout assumptions one by one and bench/gpu_check.sh runs the
 // attention tests with it; the default moves to it once it passes there and beats the sm_80 kernel.
-// Not yet FlashAttention-3: no TMA, no producer/consumer warp specialization, no softmax overlapped with the
-// next MMA. Those are the next steps, on a card that can measure them.
+// Not yet FlashAttention-3: no TMA, no producer/consumer warp specialization (setmaxnreg), no ping-pong of
+// two warpgroups' softmax and MMAs. Those are the next steps, on a card that can measure them.
 #pragma once
 
 #include "attention_launch.cuh"
