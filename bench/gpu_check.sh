@@ -5,7 +5,9 @@
 # device.txt build.log tests.log validate.txt bench.txt pipeline.json prof/summary.json prof/hotspots.png), and
 # on an sm_90 card the Hopper (wgmma) attention kernel: the harness's layout tests (hopper/: verdicts, raw
 # dumps, timings), then the attention tests, validate, memcheck, racecheck and the attention bench with
-# SDCORE_CUDA_ATTENTION=sm90. About 7 minutes on an H100/H200.
+# SDCORE_CUDA_ATTENTION=sm90, and where those tests pass the pipeline bench with it (pipeline_sm90.json).
+# Estimated at 7-8 minutes on an H100/H200 (the Hopper steps have not run on a card yet); files written before
+# a timeout stay in OUTDIR.
 #   bench/gpu_check.sh OUTDIR
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -14,6 +16,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 status=0
+hopper_ok=0
 step() { echo "== $1 ($(date +%T))"; }
 
 # diffusers (the baseline of bench/pipeline.py) is not on the GPU machines: wheels carried in .whl/ if present.
@@ -68,7 +71,7 @@ if [ "$cap" = "9.0" ]; then
   fi
   step "the sm90 attention kernel in sdcore (SDCORE_CUDA_ATTENTION=sm90): tests, validate, memcheck, racecheck, bench"
   SDCORE_CUDA_ATTENTION=sm90 timeout 150 $PY -m pytest -q -rfE --maxfail=20 tests/test_attention.py -k cuda \
-    -p no:cacheprovider > "$OUT/hopper/tests.log" 2>&1 || status=1
+    -p no:cacheprovider > "$OUT/hopper/tests.log" 2>&1 && hopper_ok=1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/hopper/tests.log" | head -20; tail -3 "$OUT/hopper/tests.log"
   SDCORE_CUDA_ATTENTION=sm90 timeout 60 $PY -m sdcore validate --device cuda > "$OUT/hopper/validate.txt" 2>&1 \
     || status=1
@@ -89,6 +92,13 @@ fi
 step "bench pipeline (SD1.5 fp16 512x512: kernels eager and with CUDA graphs, torch, diffusers)"
 timeout 240 $PY bench/pipeline.py --device cuda --dtype fp16 --sizes 512 --steps 10 --repeat 10 \
   --impls kernels,graphs,torch,diffusers --json "$OUT/pipeline.json" | tee -a "$OUT/bench.txt" || status=1
+
+if [ "$hopper_ok" = 1 ]; then
+  step "bench pipeline with the sm90 attention (its tests passed above)"
+  echo "# SDCORE_CUDA_ATTENTION=sm90" | tee -a "$OUT/bench.txt"
+  SDCORE_CUDA_ATTENTION=sm90 timeout 120 $PY bench/pipeline.py --device cuda --dtype fp16 --sizes 512 --steps 10 \
+    --repeat 5 --impls kernels,graphs --json "$OUT/pipeline_sm90.json" | tee -a "$OUT/bench.txt" || status=1
+fi
 
 step "profile (SD1.5 fp16 512x512, kernels vs torch)"
 # The traces are too large to bring back from a lent machine; summary.json and the chart come back.
