@@ -1,6 +1,7 @@
 """The build: CUDA kernels are compiled wherever a toolkit and a CUDA torch exist (GPU or not), and the
 CMake build of the same sources produces a library torch can load."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -194,3 +195,15 @@ def test_cmake_build_loads_and_runs(tmp_path):
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_gpu_check_script_parses_and_its_files_exist():
+    """bench/gpu_check.sh gets one run per lent GPU: a syntax error or a moved file would waste it. bash must
+    parse it, and every repository file it names must exist."""
+    script = ROOT / "bench" / "gpu_check.sh"
+    run = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    named = set(re.findall(r"\b((?:bench|csrc|tests|tools)/[\w./-]+\.(?:py|cu|cpp|sh))\b", script.read_text()))
+    assert "bench/hopper/wgmma_attention.cu" in named and "bench/sanitize_ops.py" in named, named
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, missing
