@@ -95,6 +95,12 @@ def build_info() -> dict:
     return _BUILD_INFO
 
 
+def has_sm90_kernels() -> bool:
+    """Whether the build carries the Hopper (wgmma) attention kernel: its arch list has 9.0a (sm_90a code),
+    which is when setup.py compiles the kernel's instantiation files."""
+    return "9.0a" in [a.split("+")[0] for a in build_info()["cuda_archs"]]
+
+
 def _arch_number(arch: str) -> tuple[int, int]:
     major, minor = arch.replace("+PTX", "").split(".")
     return int(major), int(minor.rstrip("a"))

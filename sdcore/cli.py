@@ -49,7 +49,7 @@ def cmd_info(args) -> int:
         archs = ";".join(info["cuda_archs"]) or "-"
         print(f"cuda kernels  {'yes, archs ' + archs if info['cuda'] else 'no (CPU-only build)'}")
         if info["cuda"]:
-            hopper = "9.0a" in [a.split("+")[0] for a in info["cuda_archs"]]
+            hopper = _ext.has_sm90_kernels()
             family = os.environ.get("SDCORE_CUDA_ATTENTION") or "sm80"
             print(f"cuda attn     {family} (SDCORE_CUDA_ATTENTION; sm90, the experimental Hopper kernel, is "
                   f"{'in this build' if hopper else 'not in this build: no 9.0a arch'})")

@@ -225,7 +225,7 @@ def _sm90_unavailable():
     cap = torch.cuda.get_device_capability()
     if cap != (9, 0):
         return f"the sm_90 kernel needs a cc 9.0 GPU (H100/H200); this one is sm_{cap[0]}{cap[1]}"
-    if "9.0a" not in [a.split("+")[0] for a in _ext.build_info()["cuda_archs"]]:
+    if not _ext.has_sm90_kernels():
         return "built without 9.0a in TORCH_CUDA_ARCH_LIST, so without the sm_90 kernel"
     return None
 

@@ -118,6 +118,19 @@ __device__ __forceinline__ void issue_qk(float (&s)[32], const unsigned char* sQ
   }
 }
 
+// S = Q K^T, waited for: the first step of a tile when nothing else is in flight.
+template <typename T, int kDp, int kBr, int kBc>
+__device__ __forceinline__ void compute_qk(float (&s)[32], const unsigned char* sQw, const unsigned char* sK) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+  fence_operands(s);
+  wgmma_fence();
+  issue_qk<T, kDp, kBr, kBc>(s, sQw, sK);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(s);
+}
+
 // Issues O += P V (not committed): P from registers (k-step kk: keys 16kk..), V MN-major.
 template <typename T, int kDp, int kBc>
 __device__ __forceinline__ void issue_pv(float (&o)[kDp / 2], const uint32_t (&pa)[kBc / 16][4],
@@ -260,14 +273,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128) flash_wgmma_kernel(const Fl
     for (int j = 0; j < n_kv; ++j) {
       arrive_tile(j);
       if (j < n_wg) {
-#pragma unroll
-        for (int i = 0; i < 32; ++i) s[i] = 0.0f;
-        fence_operands(s);
-        wgmma_fence();
-        issue_qk<T, kDp, kBr, kBc>(s, sQw, sK(j % kStages));
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_operands(s);
+        compute_qk<T, kDp, kBr, kBc>(s, sQw, sK(j % kStages));
         softmax_tile<kBc>(s, row_max, row_sum, f, j * kBc, row0, M, causal, sl2, g, tg);
         rescale<kDp>(o, f);
         pack_p<T, kBc>(pa, s);
@@ -287,14 +293,7 @@ __global__ void __launch_bounds__(kWarpgroups * 128) flash_wgmma_kernel(const Fl
     // ptxas serializes wgmma around branches it can't prove warpgroup-uniform, so causal runs every tile of
     // the block, and the mask zeroes the keys a row can't see.
     arrive_tile(0);
-#pragma unroll
-    for (int i = 0; i < 32; ++i) s[i] = 0.0f;
-    fence_operands(s);
-    wgmma_fence();
-    issue_qk<T, kDp, kBr, kBc>(s, sQw, sK(0));
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(s);
+    compute_qk<T, kDp, kBr, kBc>(s, sQw, sK(0));
     softmax_tile<kBc>(s, row_max, row_sum, f, 0, row0, M, causal, sl2, g, tg);
     pack_p<T, kBc>(pa, s);
     __syncthreads();
