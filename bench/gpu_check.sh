@@ -64,7 +64,7 @@ if [ "$cap" = "9.0" ]; then
   mkdir -p "$OUT/hopper"
   nvcc_bin=$($PY -c "import sys; sys.path.insert(0, 'tools'); from cuda_env import find_cuda_home as f; print(f() or '')")/bin/nvcc
   if timeout 120 "$nvcc_bin" -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-      bench/hopper/wgmma_attention.cu csrc/cuda/device_info.cpp -o /tmp/wgmma_attention > "$OUT/hopper/build.log" 2>&1; then
+      bench/hopper/wgmma_attention.cu csrc/cuda/device_info.cpp csrc/cuda/tensor_map.cpp -o /tmp/wgmma_attention > "$OUT/hopper/build.log" 2>&1; then
     timeout 120 /tmp/wgmma_attention "$OUT/hopper" | tee "$OUT/hopper/result.txt"
   else
     tail -20 "$OUT/hopper/build.log"; echo "hopper harness: build failed"

@@ -233,6 +233,11 @@ def _sm90_unavailable():
 needs_sm90 = pytest.mark.skipif(_sm90_unavailable() is not None, reason=str(_sm90_unavailable()))
 
 
+# The sm_90 table's kernel (Sm90Config::kTma): the TMA producer/consumer one; flash_wgmma_kernel (cp.async) is its
+# fallback where no tensor map describes the inputs.
+SM90_KERNEL = "flash_wgmma_tma_kernel"
+
+
 @pytest.fixture
 def sm90(monkeypatch):
     monkeypatch.setenv("SDCORE_CUDA_ATTENTION", "sm90")
@@ -246,9 +251,9 @@ def _cuda_kernels_run(fn):
 
 
 @needs_sm90
-@pytest.mark.parametrize("choice,kernel,not_kernel", [(None, "flash_reg_kernel", "flash_wgmma_kernel"),
-                                                      ("sm80", "flash_reg_kernel", "flash_wgmma_kernel"),
-                                                      ("sm90", "flash_wgmma_kernel", "flash_reg_kernel")])
+@pytest.mark.parametrize("choice,kernel,not_kernel", [(None, "flash_reg_kernel", "flash_wgmma"),
+                                                      ("sm80", "flash_reg_kernel", "flash_wgmma"),
+                                                      ("sm90", SM90_KERNEL, "flash_reg_kernel")])
 def test_cuda_attention_kernel_choice(monkeypatch, choice, kernel, not_kernel):
     if choice is None:
         monkeypatch.delenv("SDCORE_CUDA_ATTENTION", raising=False)
@@ -284,7 +289,19 @@ def test_cuda_sm90_fused_projection_views_and_odd_batch(poisoned, sm90, dtype):
     qkv = torch.randn(3, 333, 3, 8, 40, generator=g).to("cuda", dtype)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     names = _cuda_kernels_run(lambda: _check(q, k, v, scale=0.3))
-    assert any("flash_wgmma_kernel" in n for n in names), names
+    assert any(SM90_KERNEL in n for n in names), names
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_sm90_keys_shared_by_every_head_load_without_tma(poisoned, sm90, dtype):
+    # K and V expanded over the heads (head stride 0): no tensor map has a zero stride, so the cp.async kernel
+    # runs them, with the same result rules.
+    q, k, v = _inputs(2, 4, 333, 97, 64, "cuda", dtype)
+    k, v = k[:, :1].expand(-1, 4, -1, -1), v[:, :1].expand(-1, 4, -1, -1)
+    assert k.stride(1) == 0
+    names = _cuda_kernels_run(lambda: _check(q, k, v))
+    assert any("flash_wgmma_kernel" in n for n in names) and not any(SM90_KERNEL in n for n in names), names
 
 
 @needs_sm90
@@ -295,4 +312,4 @@ def test_cuda_sm90_fused_projection_views_and_odd_batch(poisoned, sm90, dtype):
 def test_cuda_sm90_falls_back_where_it_does_not_apply(poisoned, sm90, d, dtype, kernel):
     q, k, v = _inputs(1, 2, 130, 97, d, "cuda", dtype)
     names = _cuda_kernels_run(lambda: _check(q, k, v))
-    assert any(kernel in n for n in names) and not any("flash_wgmma_kernel" in n for n in names), names
+    assert any(kernel in n for n in names) and not any("flash_wgmma" in n for n in names), names

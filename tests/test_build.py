@@ -57,9 +57,9 @@ def test_wgmma_wrappers_match_a_fresh_run():
 
 def test_hopper_harness_compiles_for_sm90a(tmp_path):
     """bench/hopper (the layout tests of the sm_90 attention kernel that bench/gpu_check.sh runs on an
-    H100/H200) keeps compiling against the kernel's header, both kOverlap variants: ptxas accepts it for sm_90a
-    with the matrix instructions the kernel is about (HGMMA), nothing in local memory and no wgmma it had to
-    serialize."""
+    H100/H200) keeps compiling against the kernel's header, all four (kOverlap, kTma) variants: ptxas accepts
+    it for sm_90a with the instructions the kernel is about (HGMMA; the TMA variant's tensor copies, UTMALDG,
+    and its mbarrier waits), nothing in local memory and no wgmma it had to serialize."""
     home = cuda_env.find_cuda_home()
     if home is None:
         pytest.skip("no CUDA toolkit: nothing to compile the harness with")
@@ -67,7 +67,8 @@ def test_hopper_harness_compiles_for_sm90a(tmp_path):
     build = subprocess.run([os.path.join(home, "bin", "nvcc"), "-O3", "-std=c++17",
                             "-gencode=arch=compute_90a,code=sm_90a", "-Xptxas=-v",
                             str(ROOT / "bench" / "hopper" / "wgmma_attention.cu"),
-                            str(ROOT / "csrc" / "cuda" / "device_info.cpp"), "-o", str(exe)],
+                            str(ROOT / "csrc" / "cuda" / "device_info.cpp"),
+                            str(ROOT / "csrc" / "cuda" / "tensor_map.cpp"), "-o", str(exe)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     report = build.stdout + build.stderr
@@ -81,12 +82,14 @@ def test_hopper_harness_compiles_for_sm90a(tmp_path):
         sass = subprocess.run([cuobjdump, "-sass", str(exe)], capture_output=True, text=True).stdout
         for width in (48, 64, 80, 160):
             assert f"HGMMA.64x{width}x16.F32" in sass, f"no 64x{width} wgmma in the harness's SASS"
+        assert "UTMALDG.5D" in sass and "SYNCS.PHASECHK" in sass, "no TMA copy or mbarrier wait in the harness"
 
 
 def test_extension_has_the_hopper_kernels_when_built_for_sm90a():
     """The arch axis of the build: with 9.0a in the arch list (the default), the extension carries sm_90a code
-    with the wgmma attention kernel for every (dtype, padded head dim) of its table, fp16 and bf16; without it,
-    none of that code (the sm90 instantiation files are not compiled at all)."""
+    with both wgmma attention kernels (TMA producer/consumer and its cp.async fallback) for every (dtype, padded
+    head dim) of its table, fp16 and bf16; without it, none of that code (the sm90 instantiation files are not
+    compiled at all)."""
     info = _ext.build_info()
     if not info["cuda"]:
         pytest.skip("a CPU-only build has no CUDA code to inspect")
@@ -104,11 +107,13 @@ def test_extension_has_the_hopper_kernels_when_built_for_sm90a():
         return
     sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90a", str(so)], capture_output=True, text=True).stdout
     kernels = {line.split("Function : ")[1].strip() for line in sass.splitlines() if "Function : " in line}
-    wgmma = sorted(k for k in kernels if "flash_wgmma_kernel" in k)
     # __half and __nv_bfloat16 at 48, 64, 80, 160 (the mangled names carry the dtype and Li<dp>E).
-    for dtype in ("6__half", "13__nv_bfloat16"):
-        for dp in (48, 64, 80, 160):
-            assert any(dtype in k and f"Li{dp}E" in k for k in wgmma), (dtype, dp, wgmma)
+    for name in ("flash_wgmma_kernel", "flash_wgmma_tma_kernel"):
+        wgmma = sorted(k for k in kernels if name in k)
+        for dtype in ("6__half", "13__nv_bfloat16"):
+            for dp in (48, 64, 80, 160):
+                assert any(dtype in k and f"Li{dp}E" in k for k in wgmma), (name, dtype, dp, wgmma)
+    assert "UTMALDG.5D" in sass
     for width in (48, 64, 80, 160):
         assert f"HGMMA.64x{width}x16.F32.BF16" in sass and f"HGMMA.64x{width}x16.F32 " in sass, width
 

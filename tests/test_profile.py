@@ -67,6 +67,8 @@ NAMES = [
      "layer_norm"),
     ("void sdcore::cuda::attn::flash_reg_kernel<64>(sdcore::cuda::attn::FlashArgs)", "attention"),
     ("void sdcore::cuda::attn::flash_wgmma_kernel<__half, 64, 2, 64>(sdcore::cuda::attn::FlashArgs)", "attention"),
+    ("void sdcore::cuda::attn::flash_wgmma_tma_kernel<__half, 64, 2, 64, false>(sdcore::cuda::attn::Sm90TmaArgs)",
+     "attention"),
     ("void sdcore::cuda::attn::flash_split_kernel<64, 64>(sdcore::cuda::attn::FlashArgs)", "attention"),
     ("void sdcore::cuda::attn::flash_simt_kernel<64, 32>(sdcore::cuda::attn::FlashArgs)", "attention"),
     ("void sdcore::cuda::(anonymous namespace)::gn_fused_kernel<c10::Half>"

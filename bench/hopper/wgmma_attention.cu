@@ -3,7 +3,7 @@
 // first session with a card learns, in one call, which of the kernel's layout assumptions hold, and why not.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a bench/hopper/wgmma_attention.cu \
-//        csrc/cuda/device_info.cpp -o /tmp/wgmma_attn
+//        csrc/cuda/device_info.cpp csrc/cuda/tensor_map.cpp -o /tmp/wgmma_attn
 //   /tmp/wgmma_attn [OUTDIR]        # OUTDIR: raw accumulator dumps of the layout tests, for reading offline
 //
 // It checks the blind parts in order, each against a CPU reference, with the kernel's own helpers:
@@ -14,8 +14,10 @@
 //   2. wgmma with A from registers (the P of attention) and B MN-major in shared memory (V): the register
 //      fragment and the transposed-B descriptor, likewise.
 //   3. The kernel itself at SD's head dims (40 padded to 48, 64, 80, 160), fp16, against float64 softmax on
-//      sampled rows, then its time and TFLOP/s, each without and with the softmax overlapped with P.V
-//      (Sm90Config's kOverlap column). Run only if reading 0 passed both tests.
+//      sampled rows, then its time and TFLOP/s, in its four configurations: loads by cp.async from every thread
+//      or by TMA from a producer warpgroup (Sm90Config's kTma column), each without and with the softmax
+//      overlapped with P.V (kOverlap). Run only if reading 0 passed both tests; cp.async first, so that a TMA
+//      pipeline bug (its barrier waits trap after ~9 s instead of hanging) still leaves the other numbers.
 // The library's own tests (tests/test_attention.py with SDCORE_CUDA_ATTENTION=sm90) then cover bf16, strides,
 // causal masks and awkward sizes.
 #include <cuda_fp16.h>
@@ -210,8 +212,8 @@ struct AttnResult {
 };
 
 // One call of the kernel on contiguous [bh, n, d] fp16 tensors (batch 1, bh heads), in the tile table's
-// warpgroup count and with the given kOverlap (the table's own choice is what sdcore runs).
-template <int DP, bool kOverlap>
+// warpgroup count and with the given kOverlap and kTma (the table's own choice is what sdcore runs).
+template <int DP, bool kOverlap, bool kTma>
 cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o, int bh, int n, int m, int d) {
   sdcore::AttentionParams p{};
   p.q = q, p.k = k, p.v = v, p.o = o;
@@ -224,10 +226,11 @@ cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o,
   p.dtype = sdcore::DType::kFloat16;
   const FlashArgs a = make_flash_args(p);
   if (!a.vec) return cudaErrorInvalidValue;  // the kernel loads 16-byte rows only
+  if constexpr (kTma) return launch_flash_sm90_tma<__half, DP, Sm90Config<DP>::kWarpgroups, kOverlap>(a, nullptr);
   return launch_flash_sm90<__half, DP, Sm90Config<DP>::kWarpgroups, kOverlap>(a, nullptr);
 }
 
-template <int DP, bool kOverlap>
+template <int DP, bool kOverlap, bool kTma>
 AttnResult run_attention(int bh, int n, int m, int d) {
   std::mt19937 gen(1000 + DP + n);
   const auto q = random_halves(static_cast<size_t>(bh) * n * d, gen);
@@ -237,7 +240,7 @@ AttnResult run_attention(int bh, int n, int m, int d) {
   CHECK(cudaMalloc(&dout, static_cast<size_t>(bh) * n * d * sizeof(__half)));
   CHECK(cudaMemset(dout, 0xFF, static_cast<size_t>(bh) * n * d * sizeof(__half)));  // NaN
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  CHECK((launch<DP, kOverlap>(dq, dk, dv, dout, bh, n, m, d)));
+  CHECK((launch<DP, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
   CHECK(cudaDeviceSynchronize());
   std::vector<__half> out(static_cast<size_t>(bh) * n * d);
   CHECK(cudaMemcpy(out.data(), dout, out.size() * sizeof(__half), cudaMemcpyDeviceToHost));
@@ -279,10 +282,10 @@ AttnResult run_attention(int bh, int n, int m, int d) {
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) CHECK((launch<DP, kOverlap>(dq, dk, dv, dout, bh, n, m, d)));
+  for (int i = 0; i < 3; ++i) CHECK((launch<DP, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
   constexpr int kReps = 20;
   CHECK(cudaEventRecord(start));
-  for (int i = 0; i < kReps; ++i) CHECK((launch<DP, kOverlap>(dq, dk, dv, dout, bh, n, m, d)));
+  for (int i = 0; i < kReps; ++i) CHECK((launch<DP, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
   CHECK(cudaEventRecord(stop));
   CHECK(cudaEventSynchronize(stop));
   float ms = 0.0f;
@@ -325,19 +328,20 @@ int main(int argc, char** argv) {
     ok = ok && pass;
     std::printf("%-36s %10.2e %10.3f %10.1f  %s\n", name, r.rel_err, r.ms, r.tflops, pass ? "PASS" : "FAIL");
   };
-  // Smallest first: one K/V tile, then two tiles and both warpgroups, then SD's sizes; each without and with
-  // the softmax overlapped with P.V (Sm90Config::kOverlap picks one for sdcore).
-#define SDCORE_BOTH(NAME, DP, ...)                                      \
-  report(NAME, run_attention<DP, false>(__VA_ARGS__));                  \
-  report(NAME " overlap", run_attention<DP, true>(__VA_ARGS__));
-  SDCORE_BOTH("1 64 64 64 (one tile)", 64, 1, 64, 64, 64)
-  SDCORE_BOTH("1 128 128 64 (two tiles)", 64, 1, 128, 128, 64)
-  SDCORE_BOTH("16 4096 4096 40 (pad 48)", 48, 16, 4096, 4096, 40)
-  SDCORE_BOTH("16 4096 4096 64", 64, 16, 4096, 4096, 64)
-  SDCORE_BOTH("16 4096 4096 80", 80, 16, 4096, 4096, 80)
-  SDCORE_BOTH("16 1024 1024 160", 160, 16, 1024, 1024, 160)
-  SDCORE_BOTH("16 1000 77 64 (tails)", 64, 16, 1000, 77, 64)
-  SDCORE_BOTH("2 4096 77 40 (cross)", 48, 2, 4096, 77, 40)
-#undef SDCORE_BOTH
+  // Per configuration, smallest first: one K/V tile, then two tiles and both warpgroups, then SD's sizes.
+#define SDCORE_SIZES(SUFFIX, OV, TMA)                                                             \
+  report("1 64 64 64 (one tile)" SUFFIX, run_attention<64, OV, TMA>(1, 64, 64, 64));             \
+  report("1 128 128 64 (two tiles)" SUFFIX, run_attention<64, OV, TMA>(1, 128, 128, 64));        \
+  report("16 4096 4096 40 (pad 48)" SUFFIX, run_attention<48, OV, TMA>(16, 4096, 4096, 40));     \
+  report("16 4096 4096 64" SUFFIX, run_attention<64, OV, TMA>(16, 4096, 4096, 64));              \
+  report("16 4096 4096 80" SUFFIX, run_attention<80, OV, TMA>(16, 4096, 4096, 80));              \
+  report("16 1024 1024 160" SUFFIX, run_attention<160, OV, TMA>(16, 1024, 1024, 160));           \
+  report("16 1000 77 64 (tails)" SUFFIX, run_attention<64, OV, TMA>(16, 1000, 77, 64));          \
+  report("2 4096 77 40 (cross)" SUFFIX, run_attention<48, OV, TMA>(2, 4096, 77, 40));
+  SDCORE_SIZES("", false, false)
+  SDCORE_SIZES(" overlap", true, false)
+  SDCORE_SIZES(" tma", false, true)
+  SDCORE_SIZES(" tma overlap", true, true)
+#undef SDCORE_SIZES
   return ok ? 0 : 1;
 }

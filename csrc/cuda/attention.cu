@@ -38,7 +38,7 @@ cudaError_t run_tensor_core(const attn::FlashArgs& a, bool sm90, cudaStream_t st
 }
 
 // Whether the Hopper kernel may run this call: asked for, compiled in (sm_90a code), a cc 9.0 device, and
-// 16-byte rows (its tiles load only by cp.async).
+// 16-byte rows (its tiles load by TMA or cp.async, 16 bytes at a time).
 cudaError_t sm90_applies(const AttentionParams& p, const attn::FlashArgs& a, bool* yes) {
   *yes = false;
 #ifdef SDCORE_WITH_SM90A

@@ -23,10 +23,13 @@ inline cudaError_t max_dynamic_smem(size_t* bytes) {
   return err;
 }
 
-// One block per (query block, batch * head), flattened into grid.x (which allows 2^31 - 1 blocks).
-template <typename Kernel>
-cudaError_t launch_kernel(Kernel kernel, FlashArgs a, int block_rows, int threads, size_t smem,
-                          cudaStream_t stream) {
+inline FlashArgs& flash_args_of(FlashArgs& a) { return a; }
+
+// One block per (query block, batch * head), flattened into grid.x (which allows 2^31 - 1 blocks). Args: the
+// kernel's parameter, FlashArgs or a struct holding them (flash_args_of finds them).
+template <typename Kernel, typename Args>
+cudaError_t launch_kernel(Kernel kernel, Args args, int block_rows, int threads, size_t smem, cudaStream_t stream) {
+  FlashArgs& a = flash_args_of(args);
   a.n_qblocks = (a.n + block_rows - 1) / block_rows;
   const int64_t blocks = static_cast<int64_t>(a.n_qblocks) * a.batch_heads;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
@@ -35,7 +38,7 @@ cudaError_t launch_kernel(Kernel kernel, FlashArgs a, int block_rows, int thread
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(threads), smem, stream>>>(a);
+  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(threads), smem, stream>>>(args);
   return cudaGetLastError();
 }
 
