@@ -85,6 +85,22 @@ def test_hopper_harness_compiles_for_sm90a(tmp_path):
         assert "UTMALDG.5D" in sass and "SYNCS.PHASECHK" in sass, "no TMA copy or mbarrier wait in the harness"
 
 
+def test_tma_tensor_maps_land_tiles_in_the_kernels_shared_layout(tmp_path):
+    """The Hopper attention's TMA tensor maps (csrc/cuda/tensor_map.h) put every element of a Q/K/V tile where
+    its main loop reads it (attn::core_offset), zeros past the rows and the head dim, for SD's head dims and
+    strided views; and refuse what no map describes. A host program replays the box copies, no GPU needed."""
+    home = cuda_env.find_cuda_home()
+    if home is None:
+        pytest.skip("no CUDA toolkit: nothing to compile the check with")
+    exe = tmp_path / "tma_layout_check"
+    build = subprocess.run([os.path.join(home, "bin", "nvcc"), "-std=c++17", "-arch=sm_80",
+                            str(ROOT / "tests" / "tma_layout_check.cu"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("OK: 6 layouts, 5 refusals"), run.stdout + run.stderr
+
+
 def test_extension_has_the_hopper_kernels_when_built_for_sm90a():
     """The arch axis of the build: with 9.0a in the arch list (the default), the extension carries sm_90a code
     with both wgmma attention kernels (TMA producer/consumer and its cp.async fallback) for every (dtype, padded

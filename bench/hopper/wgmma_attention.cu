@@ -226,7 +226,15 @@ cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o,
   p.dtype = sdcore::DType::kFloat16;
   const FlashArgs a = make_flash_args(p);
   if (!a.vec) return cudaErrorInvalidValue;  // the kernel loads 16-byte rows only
-  if constexpr (kTma) return launch_flash_sm90_tma<__half, DP, Sm90Config<DP>::kWarpgroups, kOverlap>(a, nullptr);
+  if constexpr (kTma) {
+    const cudaError_t err = launch_flash_sm90_tma<__half, DP, Sm90Config<DP>::kWarpgroups, kOverlap>(a, nullptr);
+    if (err == cudaErrorInvalidValue || err == cudaErrorNotSupported) {
+      std::fprintf(stderr, "the driver refused the TMA tensor maps (%s): csrc/cuda/tensor_map.cpp's 5-d map (8-element "
+                   "chunks, rows, chunks, heads, batch) needs another shape; sdcore falls back to cp.async there\n",
+                   cudaGetErrorString(err));
+    }
+    return err;
+  }
   return launch_flash_sm90<__half, DP, Sm90Config<DP>::kWarpgroups, kOverlap>(a, nullptr);
 }
 
