@@ -77,12 +77,19 @@ def test_hopper_harness_compiles_for_sm90a(tmp_path):
     # ptxas serializes wgmma it can't prove warpgroup-uniform or whose registers it must move ("Potential
     # Performance Loss: wgmma.mma_async instructions are serialized ..."): the kernel must not trigger it.
     assert "Performance Loss" not in report, [line for line in report.splitlines() if "Performance Loss" in line]
+    # The 128-key TMA kernels move registers from the producer warpgroup (24) to the two consumers (240). The
+    # block's pool is what it was launched with, so the kernel's count must be the 384-thread cap, 168:
+    # 128 x 24 + 256 x 240 = 384 x 168. Fewer, and the consumers' raise would wait forever.
+    moving = re.findall(r"entry function '(\w*flash_wgmma_tma_kernel\w*Li2ELi128E\w*)'.*?Used (\d+) registers",
+                        report, flags=re.S)
+    assert len(moving) == 6 and all(int(regs) == 168 for _, regs in moving), moving  # D 48/64/80, overlap or not
     cuobjdump = _cuobjdump(home)
     if cuobjdump is not None:
         sass = subprocess.run([cuobjdump, "-sass", str(exe)], capture_output=True, text=True).stdout
         for width in (48, 64, 80, 160):
             assert f"HGMMA.64x{width}x16.F32" in sass, f"no 64x{width} wgmma in the harness's SASS"
         assert "UTMALDG.5D" in sass and "SYNCS.PHASECHK" in sass, "no TMA copy or mbarrier wait in the harness"
+        assert "USETMAXREG.DEALLOC.CTAPOOL 0x18" in sass and "USETMAXREG.TRY_ALLOC.CTAPOOL" in sass
 
 
 def test_tma_tensor_maps_land_tiles_in_the_kernels_shared_layout(tmp_path):

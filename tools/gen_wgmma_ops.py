@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "wgmma_ops.cuh"
-SS_WIDTHS = (64,)                   # S = Q K^T over a 64-key tile
+SS_WIDTHS = (64, 128)              # S = Q K^T over a 64- or 128-key tile
 RS_WIDTHS = (48, 64, 80, 160)      # O += P V over the padded head dims of SD (40 -> 48, 64, 80, 160)
 
 

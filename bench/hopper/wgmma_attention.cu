@@ -14,10 +14,11 @@
 //   2. wgmma with A from registers (the P of attention) and B MN-major in shared memory (V): the register
 //      fragment and the transposed-B descriptor, likewise.
 //   3. The kernel itself at SD's head dims (40 padded to 48, 64, 80, 160), fp16, against float64 softmax on
-//      sampled rows, then its time and TFLOP/s, in its four configurations: loads by cp.async from every thread
-//      or by TMA from a producer warpgroup (Sm90Config's kTma column), each without and with the softmax
-//      overlapped with P.V (kOverlap). Run only if reading 0 passed both tests; cp.async first, so that a TMA
-//      pipeline bug (its barrier waits trap after ~9 s instead of hanging) still leaves the other numbers.
+//      sampled rows, then its time and TFLOP/s, in six configurations: loads by cp.async from every thread
+//      or by TMA from a producer warpgroup (Sm90Config's kTma column), the latter with 64- or 128-key tiles
+//      (kBc), each without and with the softmax overlapped with P.V (kOverlap). Run only if reading 0 passed
+//      both tests; cp.async first, so that a TMA pipeline bug (its barrier waits trap after ~9 s instead of
+//      hanging) still leaves the other numbers.
 // The library's own tests (tests/test_attention.py with SDCORE_CUDA_ATTENTION=sm90) then cover bf16, strides,
 // causal masks and awkward sizes.
 #include <cuda_fp16.h>
@@ -212,8 +213,8 @@ struct AttnResult {
 };
 
 // One call of the kernel on contiguous [bh, n, d] fp16 tensors (batch 1, bh heads), in the tile table's
-// warpgroup count and with the given kOverlap and kTma (the table's own choice is what sdcore runs).
-template <int DP, bool kOverlap, bool kTma>
+// warpgroup count, with the given key tile, kOverlap and kTma (the table's own choice is what sdcore runs).
+template <int DP, int kBc, bool kOverlap, bool kTma>
 cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o, int bh, int n, int m, int d) {
   sdcore::AttentionParams p{};
   p.q = q, p.k = k, p.v = v, p.o = o;
@@ -227,18 +228,19 @@ cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o,
   const FlashArgs a = make_flash_args(p);
   if (!a.vec) return cudaErrorInvalidValue;  // the kernel loads 16-byte rows only
   if constexpr (kTma) {
-    const cudaError_t err = launch_flash_sm90_tma<__half, DP, Sm90Config<DP>::kWarpgroups, kOverlap>(a, nullptr);
+    const cudaError_t err = launch_flash_sm90_tma<__half, DP, Sm90Config<DP>::kWarpgroups, kBc, kOverlap>(a, nullptr);
     if (err == cudaErrorInvalidValue || err == cudaErrorNotSupported) {
       std::fprintf(stderr, "the driver refused the TMA tensor maps (%s): csrc/cuda/tensor_map.cpp's 5-d map (8-element "
                    "chunks, rows, chunks, heads, batch) needs another shape; sdcore falls back to cp.async there\n",
                    cudaGetErrorString(err));
     }
     return err;
+  } else {
+    return launch_flash_sm90<__half, DP, Sm90Config<DP>::kWarpgroups, kBc, kOverlap>(a, nullptr);
   }
-  return launch_flash_sm90<__half, DP, Sm90Config<DP>::kWarpgroups, kOverlap>(a, nullptr);
 }
 
-template <int DP, bool kOverlap, bool kTma>
+template <int DP, int kBc, bool kOverlap, bool kTma>
 AttnResult run_attention(int bh, int n, int m, int d) {
   std::mt19937 gen(1000 + DP + n);
   const auto q = random_halves(static_cast<size_t>(bh) * n * d, gen);
@@ -248,7 +250,7 @@ AttnResult run_attention(int bh, int n, int m, int d) {
   CHECK(cudaMalloc(&dout, static_cast<size_t>(bh) * n * d * sizeof(__half)));
   CHECK(cudaMemset(dout, 0xFF, static_cast<size_t>(bh) * n * d * sizeof(__half)));  // NaN
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  CHECK((launch<DP, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
+  CHECK((launch<DP, kBc, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
   CHECK(cudaDeviceSynchronize());
   std::vector<__half> out(static_cast<size_t>(bh) * n * d);
   CHECK(cudaMemcpy(out.data(), dout, out.size() * sizeof(__half), cudaMemcpyDeviceToHost));
@@ -290,10 +292,10 @@ AttnResult run_attention(int bh, int n, int m, int d) {
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) CHECK((launch<DP, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
+  for (int i = 0; i < 3; ++i) CHECK((launch<DP, kBc, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
   constexpr int kReps = 20;
   CHECK(cudaEventRecord(start));
-  for (int i = 0; i < kReps; ++i) CHECK((launch<DP, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
+  for (int i = 0; i < kReps; ++i) CHECK((launch<DP, kBc, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
   CHECK(cudaEventRecord(stop));
   CHECK(cudaEventSynchronize(stop));
   float ms = 0.0f;
@@ -337,19 +339,22 @@ int main(int argc, char** argv) {
     std::printf("%-36s %10.2e %10.3f %10.1f  %s\n", name, r.rel_err, r.ms, r.tflops, pass ? "PASS" : "FAIL");
   };
   // Per configuration, smallest first: one K/V tile, then two tiles and both warpgroups, then SD's sizes.
-#define SDCORE_SIZES(SUFFIX, OV, TMA)                                                             \
-  report("1 64 64 64 (one tile)" SUFFIX, run_attention<64, OV, TMA>(1, 64, 64, 64));             \
-  report("1 128 128 64 (two tiles)" SUFFIX, run_attention<64, OV, TMA>(1, 128, 128, 64));        \
-  report("16 4096 4096 40 (pad 48)" SUFFIX, run_attention<48, OV, TMA>(16, 4096, 4096, 40));     \
-  report("16 4096 4096 64" SUFFIX, run_attention<64, OV, TMA>(16, 4096, 4096, 64));              \
-  report("16 4096 4096 80" SUFFIX, run_attention<80, OV, TMA>(16, 4096, 4096, 80));              \
-  report("16 1024 1024 160" SUFFIX, run_attention<160, OV, TMA>(16, 1024, 1024, 160));           \
-  report("16 1000 77 64 (tails)" SUFFIX, run_attention<64, OV, TMA>(16, 1000, 77, 64));          \
-  report("2 4096 77 40 (cross)" SUFFIX, run_attention<48, OV, TMA>(2, 4096, 77, 40));
-  SDCORE_SIZES("", false, false)
-  SDCORE_SIZES(" overlap", true, false)
-  SDCORE_SIZES(" tma", false, true)
-  SDCORE_SIZES(" tma overlap", true, true)
+#define SDCORE_SIZES(SUFFIX, ...)                                                                 \
+  report("1 64 64 64 (one tile)" SUFFIX, run_attention<64, __VA_ARGS__>(1, 64, 64, 64));         \
+  report("1 128 128 64 (two tiles)" SUFFIX, run_attention<64, __VA_ARGS__>(1, 128, 128, 64));    \
+  report("16 4096 4096 40 (pad 48)" SUFFIX, run_attention<48, __VA_ARGS__>(16, 4096, 4096, 40)); \
+  report("16 4096 4096 64" SUFFIX, run_attention<64, __VA_ARGS__>(16, 4096, 4096, 64));          \
+  report("16 4096 4096 80" SUFFIX, run_attention<80, __VA_ARGS__>(16, 4096, 4096, 80));          \
+  report("16 1024 1024 160" SUFFIX, run_attention<160, __VA_ARGS__>(16, 1024, 1024, 160));       \
+  report("16 1000 77 64 (tails)" SUFFIX, run_attention<64, __VA_ARGS__>(16, 1000, 77, 64));      \
+  report("2 4096 77 40 (cross)" SUFFIX, run_attention<48, __VA_ARGS__>(2, 4096, 77, 40));
+  // Template arguments: keys per tile, kOverlap, kTma.
+  SDCORE_SIZES("", 64, false, false)
+  SDCORE_SIZES(" overlap", 64, true, false)
+  SDCORE_SIZES(" tma", 64, false, true)
+  SDCORE_SIZES(" tma overlap", 64, true, true)
+  SDCORE_SIZES(" tma k128", 128, false, true)
+  SDCORE_SIZES(" tma k128 overlap", 128, true, true)
 #undef SDCORE_SIZES
   return ok ? 0 : 1;
 }

@@ -20,9 +20,9 @@
 // asked (SDCORE_CUDA_ATTENTION=sm90, on a cc 9.0 device, from a build with 9.0a in TORCH_CUDA_ARCH_LIST).
 // bench/hopper/wgmma_attention.cu tests its layout assumptions one by one and times all four configurations;
 // bench/gpu_check.sh runs the attention tests with it; the default moves to it once it passes there and beats
-// the sm_80 kernel. Not yet in it: larger tiles (kBc = 128, with setmaxnreg moving the producer's registers to
-// the consumers), two consumers' softmax and MMAs in ping-pong, swizzled shared layouts. Those are tuning
-// steps for a card that can measure them.
+// the sm_80 kernel. The TMA kernel also comes with 128-key tiles (setmaxnreg moves the producer's registers to
+// the consumers), which the harness times beside the table's 64. Not yet in it: two consumers' softmax and
+// MMAs in ping-pong, swizzled shared layouts; tuning steps for a card that can measure them.
 #pragma once
 
 #include "attention_sm90_mainloop.cuh"
@@ -34,9 +34,10 @@ namespace cuda {
 namespace attn {
 
 // The sm_90 tile table, per padded head dim: warpgroups computing per block (64 query rows each), keys per
-// step, whether a warpgroup overlaps its softmax with its own P.V (kOverlap), and whether a producer
-// warpgroup loads K/V by TMA (kTma: flash_wgmma_tma_kernel) or every thread by cp.async (flash_wgmma_kernel).
-// bench/hopper times all four settings of the last two columns, so a card decides them.
+// step (64 or 128; the TMA kernel's 128-key tiles move the producer's registers to the consumers), whether a
+// warpgroup overlaps its softmax with its own P.V (kOverlap), and whether a producer warpgroup loads K/V by
+// TMA (kTma: flash_wgmma_tma_kernel) or every thread by cp.async (flash_wgmma_kernel). bench/hopper times the
+// settings of the last three columns, so a card decides them.
 template <int kDp>
 struct Sm90Config;
 template <> struct Sm90Config<48>  { static constexpr int kWarpgroups = 2, kBc = 64; static constexpr bool kOverlap = false, kTma = true; };
@@ -45,16 +46,18 @@ template <> struct Sm90Config<80>  { static constexpr int kWarpgroups = 2, kBc =
 template <> struct Sm90Config<160> { static constexpr int kWarpgroups = 1, kBc = 64; static constexpr bool kOverlap = false, kTma = true; };
 
 // Keys in flight: the cp.async kernel double-buffers K/V, or keeps three stages when P.V of tile j - 1 still
-// reads V while tile j + 1 loads; the TMA producer runs up to four tiles ahead (three at D = 160, whose tiles
-// are twice as large).
-__host__ __device__ constexpr int sm90_stages(int dp, bool overlap, bool tma) {
-  return tma ? (dp >= 160 ? 3 : 4) : overlap ? 3 : 2;
+// reads V while tile j + 1 loads; the TMA producer runs up to four tiles ahead, as many as fit in 200 KB
+// beside Q (two for 128 keys at D = 160).
+__host__ __device__ constexpr int sm90_stages(int dp, int br, int bc, bool overlap, bool tma) {
+  if (!tma) return overlap ? 3 : 2;
+  const int fit = (200 * 1024 - br * dp * 2) / (2 * bc * dp * 2);
+  return fit < 4 ? fit : 4;
 }
 // Q, then K of every stage, then V of every stage; the TMA kernel's mbarriers follow (full and empty per
 // stage, one for Q).
 constexpr size_t sm90_smem_bytes(int dp, int br, int bc, bool overlap, bool tma) {
-  return size_t(br + 2 * sm90_stages(dp, overlap, tma) * bc) * size_t(dp) * 2 +
-         (tma ? size_t(2 * sm90_stages(dp, overlap, tma) + 1) * 8 : 0);
+  return size_t(br + 2 * sm90_stages(dp, br, bc, overlap, tma) * bc) * size_t(dp) * 2 +
+         (tma ? size_t(2 * sm90_stages(dp, br, bc, overlap, tma) + 1) * 8 : 0);
 }
 
 // The cp.async kernel: every thread loads (K/V tile j + 1 while tile j is multiplied) and computes; each
@@ -63,9 +66,9 @@ template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap>
 __global__ void __launch_bounds__(kWarpgroups * 128) flash_wgmma_kernel(const FlashArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kThreads = kWarpgroups * 128, kBr = kWarpgroups * 64;
-  constexpr int kStages = sm90_stages(kDp, kOverlap, false);
+  constexpr int kStages = sm90_stages(kDp, kBr, kBc, kOverlap, false);
   constexpr int kTileQ = kBr * kDp * 2, kTileKV = kBc * kDp * 2;  // bytes
-  static_assert(kBc == 64, "S = Q K^T is one m64n64 wgmma per k-step");
+  static_assert(kBc == 64 || kBc == 128, "S = Q K^T is one m64n64 or m64n128 wgmma per k-step");
   static_assert(kDp % 16 == 0, "wgmma's k-step is 16");
   static_assert(size_t(kBr) * (kDp + 8) * 2 <= 2 * kStages * size_t(kTileKV), "the output is staged in the K/V stages");
 
@@ -134,16 +137,19 @@ inline FlashArgs& flash_args_of(Sm90TmaArgs& args) { return args.a; }
 // guarded by a "full" mbarrier that the copies complete and an "empty" one that the consumers arrive on);
 // warpgroups 1..kWarpgroups are consumers, 64 query rows each, running the same main loop as the cp.async
 // kernel. No thread waits on a copy it issued, and the loads of the next tiles need no thread's time.
-// No setmaxnreg: the consumers fit the 168-register cap of a 384-thread block without spilling (ptxas: 101-128),
-// so moving registers from the producer would buy nothing until the tiles grow.
+// Registers: a 384-thread block has 168 per thread. The consumers of 64-key tiles fit that (ptxas: 101-128);
+// for 128-key tiles the producer warpgroup hands its registers over with setmaxnreg, FlashAttention-3's split
+// (128 x 24 + 256 x 240 = 384 x 168, so the consumers' raise never waits on registers nobody frees).
 template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap>
 __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
     flash_wgmma_tma_kernel(const __grid_constant__ Sm90TmaArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kConsumers = kWarpgroups * 128, kBr = kWarpgroups * 64;
-  constexpr int kStages = sm90_stages(kDp, kOverlap, true);
+  constexpr int kStages = sm90_stages(kDp, kBr, kBc, kOverlap, true);
   constexpr int kTileQ = kBr * kDp * 2, kTileKV = kBc * kDp * 2;  // bytes
-  static_assert(kBc == 64, "S = Q K^T is one m64n64 wgmma per k-step");
+  constexpr bool kMoveRegisters = kWarpgroups == 2 && kBc == 128;
+  static_assert(kBc == 64 || kBc == 128, "S = Q K^T is one m64n64 or m64n128 wgmma per k-step");
+  static_assert(kStages >= 2, "the producer needs a stage to fill while the consumers read one");
   static_assert(kDp % 16 == 0, "wgmma's k-step is 16");
   static_assert(size_t(kBr) * (kDp + 8) * 2 <= 2 * kStages * size_t(kTileKV), "the output is staged in the K/V stages");
   const FlashArgs& a = args.a;
@@ -173,6 +179,7 @@ __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
   __syncthreads();  // the last block-wide barrier: the producer may finish long before the consumers
 
   if (wg == 0) {
+    if constexpr (kMoveRegisters) setmaxnreg_dec<24>();
     if (tid == 0) {
       const int b = static_cast<int>(bh / a.heads), h = static_cast<int>(bh - int64_t(b) * a.heads);
       mbar_arrive_expect_tx(q_full, kTileQ);
@@ -188,6 +195,7 @@ __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
     return;
   }
 
+  if constexpr (kMoveRegisters) setmaxnreg_inc<240>();
   const int cw = wg - 1, ctid = tid - 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int wg_row0 = q0 + cw * 64;
   const int n_wg = a.causal ? imin(n_kv, (wg_row0 + 63) / kBc + 1) : n_kv;
@@ -213,23 +221,23 @@ __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
 }
 
 // One configuration's launch, without TMA (bench/hopper times every configuration through these).
-template <typename T, int kDp, int kWarpgroups, bool kOverlap>
+template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap>
 cudaError_t launch_flash_sm90(const FlashArgs& a, cudaStream_t stream) {
-  constexpr int kBc = Sm90Config<kDp>::kBc, kBr = kWarpgroups * 64;
+  constexpr int kBr = kWarpgroups * 64;
   constexpr size_t smem = sm90_smem_bytes(kDp, kBr, kBc, kOverlap, false);
   size_t max_smem = 0;
   const cudaError_t err = max_dynamic_smem(&max_smem);
   if (err != cudaSuccess) return err;
-  if (smem > max_smem) return cudaErrorInvalidConfiguration;  // every sm_90 part has 227 KB; the table needs <= 140 KB
+  if (smem > max_smem) return cudaErrorInvalidConfiguration;  // every sm_90 part has 227 KB; this needs <= 140 KB
   return launch_kernel(flash_wgmma_kernel<T, kDp, kWarpgroups, kBc, kOverlap>, a, kBr, kWarpgroups * 128, smem,
                        stream);
 }
 
 // With TMA: encodes the three tensor maps (16-byte aligned rows and strides, as a.vec promises), then launches.
 // A layout the driver's tensor maps can't describe returns the encoder's error before anything is launched.
-template <typename T, int kDp, int kWarpgroups, bool kOverlap>
+template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap>
 cudaError_t launch_flash_sm90_tma(const FlashArgs& a, cudaStream_t stream) {
-  constexpr int kBc = Sm90Config<kDp>::kBc, kBr = kWarpgroups * 64;
+  constexpr int kBr = kWarpgroups * 64;
   constexpr size_t smem = sm90_smem_bytes(kDp, kBr, kBc, kOverlap, true);
   Sm90TmaArgs args;
   args.a = a;
@@ -257,10 +265,11 @@ template <typename T, int kDp>
 cudaError_t run_flash_sm90(FlashArgs a, cudaStream_t stream) {
   using C = Sm90Config<kDp>;
   if constexpr (C::kTma) {
-    const cudaError_t err = launch_flash_sm90_tma<T, kDp, C::kWarpgroups, C::kOverlap>(a, stream);
+    const cudaError_t err = launch_flash_sm90_tma<T, kDp, C::kWarpgroups, C::kBc, C::kOverlap>(a, stream);
     if (err != cudaErrorInvalidValue && err != cudaErrorNotSupported) return err;
   }
-  return launch_flash_sm90<T, kDp, C::kWarpgroups, C::kOverlap>(a, stream);
+  // The cp.async kernel keeps 64-key tiles: its block has no producer to take registers from.
+  return launch_flash_sm90<T, kDp, C::kWarpgroups, 64, C::kOverlap>(a, stream);
 }
 
 }  // namespace attn

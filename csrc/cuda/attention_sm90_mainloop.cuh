@@ -71,13 +71,13 @@ __device__ __forceinline__ void load_core_tile(unsigned char* s, const uint16_t*
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// The per-warpgroup steps of the kernel. Accumulators (s: 64 x 64 scores, o: 64 x kDp) are in wgmma's layout:
+// The per-warpgroup steps of the kernel. Accumulators (s: 64 x kBc scores, o: 64 x kDp) are in wgmma's layout:
 // x[4i + e] is row 16 warp + g + 8 (e / 2), column 8i + 2 tg + e % 2 of the warpgroup's block (the m16n8
 // accumulator layout, repeated along N).
 
 // Issues S = Q K^T (not committed): kDp / 16 k-steps, Q and K both K-major.
 template <typename T, int kDp, int kBr, int kBc>
-__device__ __forceinline__ void issue_qk(float (&s)[32], const unsigned char* sQw, const unsigned char* sK) {
+__device__ __forceinline__ void issue_qk(float (&s)[kBc / 2], const unsigned char* sQw, const unsigned char* sK) {
   constexpr DescStrides kQStrides = k_major_strides(kBr), kKStrides = k_major_strides(kBc);
 #pragma unroll
   for (int kk = 0; kk < kDp / 16; ++kk) {
@@ -88,9 +88,9 @@ __device__ __forceinline__ void issue_qk(float (&s)[32], const unsigned char* sQ
 
 // S = Q K^T, waited for: the first step of a tile when nothing else is in flight.
 template <typename T, int kDp, int kBr, int kBc>
-__device__ __forceinline__ void compute_qk(float (&s)[32], const unsigned char* sQw, const unsigned char* sK) {
+__device__ __forceinline__ void compute_qk(float (&s)[kBc / 2], const unsigned char* sQw, const unsigned char* sK) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+  for (int i = 0; i < kBc / 2; ++i) s[i] = 0.0f;
   fence_operands(s);
   wgmma_fence();
   issue_qk<T, kDp, kBr, kBc>(s, sQw, sK);
@@ -114,12 +114,12 @@ __device__ __forceinline__ void issue_pv(float (&o)[kDp / 2], const uint32_t (&p
 // -inf for keys >= M and (causal) keys after the row, new row maxima, exp2, row sums. f[hh] is the factor for
 // what O accumulated so far (the caller applies it: O may still be in flight).
 template <int kBc>
-__device__ __forceinline__ void softmax_tile(float (&s)[32], float (&row_max)[2], float (&row_sum)[2],
+__device__ __forceinline__ void softmax_tile(float (&s)[kBc / 2], float (&row_max)[2], float (&row_sum)[2],
                                              float (&f)[2], int kv0, int row0, int M, bool causal, float sl2,
                                              int g, int tg) {
   const bool need_mask = kv0 + kBc > M || (causal && kv0 + kBc - 1 > row0);
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
+  for (int i = 0; i < kBc / 2; ++i) {
     float x = s[i] * sl2;
     if (need_mask) {
       const int row = row0 + g + 8 * ((i % 4) / 2);
@@ -132,12 +132,12 @@ __device__ __forceinline__ void softmax_tile(float (&s)[32], float (&row_max)[2]
   for (int hh = 0; hh < 2; ++hh) {  // a row's 4 quad lanes hold all of its columns
     float mx = -INFINITY;
 #pragma unroll
-    for (int blk = 0; blk < 8; ++blk) mx = fmaxf(mx, fmaxf(s[4 * blk + 2 * hh], s[4 * blk + 2 * hh + 1]));
+    for (int blk = 0; blk < kBc / 8; ++blk) mx = fmaxf(mx, fmaxf(s[4 * blk + 2 * hh], s[4 * blk + 2 * hh + 1]));
     f[hh] = rescale_log2(row_max[hh], quad_max(mx));
     const float base = exp_base(row_max[hh]);
     float sum = 0.0f;
 #pragma unroll
-    for (int blk = 0; blk < 8; ++blk) {
+    for (int blk = 0; blk < kBc / 8; ++blk) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const float p = exp2f(s[4 * blk + 2 * hh + e] - base);
@@ -157,7 +157,7 @@ __device__ __forceinline__ void rescale(float (&o)[kDp / 2], const float (&f)[2]
 
 // P as the register A operand of P.V: k-step kk covers keys 16kk.., the accumulator blocks 2kk and 2kk + 1.
 template <typename T, int kBc>
-__device__ __forceinline__ void pack_p(uint32_t (&pa)[kBc / 16][4], const float (&s)[32]) {
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[kBc / 16][4], const float (&s)[kBc / 2]) {
 #pragma unroll
   for (int kk = 0; kk < kBc / 16; ++kk) {
     pa[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -201,7 +201,7 @@ __device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& rele
   for (int i = 0; i < kDp / 2; ++i) o[i] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8
   row_sum[0] = row_sum[1] = 0.0f;
-  float f[2], s[32];
+  float f[2], s[kBc / 2];
   uint32_t pa[kBc / 16][4];  // P of the last softmax, as the A operand of P.V
 
   if constexpr (!kOverlap) {
@@ -230,7 +230,7 @@ __device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& rele
     for (int j = 1; j < n_kv; ++j) {
       acquire(j);
 #pragma unroll
-      for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+      for (int i = 0; i < kBc / 2; ++i) s[i] = 0.0f;
       fence_operands(s);
       fence_operands(o);
       wgmma_fence();  // orders the register writes (s, pa, o) before the MMAs read them

@@ -70,6 +70,18 @@ __device__ __forceinline__ void tma_load_5d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// Per-thread register budget of the executing warpgroup, down (freeing registers to the block's pool) or up
+// (waiting until the pool has them); every warp of the warpgroup executes it. The block must be compiled with a
+// fixed register count (__launch_bounds__) that covers the sum of the budgets.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
 // A barrier for `threads` threads (a multiple of 32) of the block; id 0 is __syncthreads'.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
