@@ -7,6 +7,10 @@ Median of repeats after warm-up (on the CPU, kernels and torch alternate for --r
 of the rounds' medians is shown); CUDA times come from CUDA events. `speedup` = torch time / kernels time.
 GB/s counts the bytes an op must move (inputs read once, outputs written once); GFLOP/s counts 4*N*M*D
 per head for attention (half that when causal).
+
+`of peak` puts the kernels' rate beside a yardstick measured in the same run: GB/s beside a large copy's
+(read + write, `copy`), GFLOP/s beside a large matmul's in the same dtype (`mm`), or, on a GPU whose spec
+sheet is known, beside its dense fp16/bf16 tensor-core peak (`spec`). The header line gives all three.
 """
 from __future__ import annotations
 
@@ -28,6 +32,46 @@ from timing import timeit  # noqa: E402  (bench/ is on sys.path when a bench scr
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REFERENCE_LIMIT_BYTES = 1 << 30  # skip the reference where its materialized scores would exceed 1 GiB
+
+# Spec sheets (dense, no sparsity): fp16/bf16 tensor-core TFLOP/s and memory GB/s, by device-name substring,
+# most specific first.
+GPU_SPECS = [("H200", 989.4, 4800), ("H100 NVL", 835.0, 3900), ("H100 PCIe", 756.0, 2000), ("H100", 989.4, 3350),
+             ("A100-SXM4-80GB", 312.0, 2039), ("A100 80GB PCIe", 312.0, 1935), ("A100", 312.0, 1555)]
+
+
+def yardsticks(dev, dtype, repeat):
+    """What the op rates are put beside, measured here and now: the GB/s of a copy too large for any cache
+    (2 x 128 MiB on the CPU, 2 x 512 MiB on a GPU) and the GFLOP/s of a square matmul in the bench's dtype;
+    on a GPU whose spec sheet GPU_SPECS knows, also its tensor-core peak and memory bandwidth."""
+    elements = (128 << 20) // 4 if dev == "cpu" else (512 << 20) // torch.finfo(dtype).bits * 8
+    src = torch.randn(elements, device=dev, dtype=dtype)
+    dst = torch.empty_like(src)
+    copy_ms = timeit(lambda: dst.copy_(src), dev, max(3, repeat // 5))
+    size = 2048 if dev == "cpu" else 8192
+    a, b = (torch.randn(size, size, device=dev, dtype=dtype) for _ in range(2))
+    mm_ms = timeit(lambda: a @ b, dev, max(3, repeat // 5))
+    y = dict(copy_gbs=2 * src.numel() * src.element_size() / copy_ms / 1e6, mm_gflops=2 * size ** 3 / mm_ms / 1e6,
+             spec_tflops=None, spec_gbs=None)
+    if dev == "cuda":
+        name = torch.cuda.get_device_name()
+        spec = next(((tf, gb) for key, tf, gb in GPU_SPECS if key in name), None)
+        if spec is not None:
+            y["spec_gbs"] = spec[1]
+            if dtype in (torch.float16, torch.bfloat16):
+                y["spec_tflops"] = spec[0]
+    return y
+
+
+def of_peak(case, ms, y):
+    """(fraction, yardstick name) of the kernels' rate, or (None, "") for an op with neither count."""
+    if case["flops"]:
+        gflops = case["flops"] / ms / 1e6
+        if y["spec_tflops"]:
+            return gflops / (y["spec_tflops"] * 1e3), "spec"
+        return gflops / y["mm_gflops"], "mm"
+    if case["bytes"]:
+        return case["bytes"] / ms / 1e6 / y["copy_gbs"], "copy"
+    return None, ""
 
 
 def attention_cases(dev, dtype, quick):
@@ -130,6 +174,11 @@ def main(argv=None) -> int:
                         "thread mid-op, which distorts 2-thread times far more than it distorts 1-thread ones")
     p.add_argument("--skip-reference", action="store_true", help="time kernels and torch only")
     args = p.parse_args(argv)
+    gens = {"attention": attention_cases, "group_norm": group_norm_cases, "geglu": geglu_cases,
+            "linear_add": linear_add_cases, "scheduler_step": step_cases}
+    unknown = [name for name in args.ops.split(",") if name not in gens]
+    if unknown:
+        p.error(f"--ops: unknown op(s) {', '.join(map(repr, unknown))}; choose from {', '.join(gens)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
@@ -146,11 +195,14 @@ def main(argv=None) -> int:
                f"{sdcore._ext.build_info()['cpu_capability']} build, torch {torch.backends.cpu.get_cpu_capability()}")
     print(f"# sdcore bench/ops.py  device={dev} ({machine})  dtype={dtype}  torch={torch.__version__}  "
           f"median of {repeat}, {rounds} alternating round(s)")
-    gens = {"attention": attention_cases, "group_norm": group_norm_cases, "geglu": geglu_cases,
-            "linear_add": linear_add_cases, "scheduler_step": step_cases}
+    y = yardsticks(dev, dtype, repeat)
+    spec = (f"; spec sheet {y['spec_tflops'] or '-'} TFLOP/s dense, {y['spec_gbs']} GB/s"
+            if y["spec_gbs"] else "; spec sheet unknown" if dev == "cuda" else "")
+    print(f"# yardsticks (measured in this run): copy {y['copy_gbs']:.1f} GB/s (read + write), matmul "
+          f"{y['mm_gflops']:.1f} GFLOP/s{spec}")
     rows = []
     head = (f"{'op':<16} {'shape':<40} {'kernels ms':>11} {'torch ms':>10} {'reference ms':>13} {'speedup':>8} "
-            f"{'kernels rate':>14}")
+            f"{'kernels rate':>14} {'of peak':>10}")
     print(head)
     print("-" * len(head))
     for name in args.ops.split(","):
@@ -174,14 +226,16 @@ def main(argv=None) -> int:
                 rate = f"{case['bytes'] / t['kernels'] / 1e6:.1f} GB/s"
             speedup = t["torch"] / t["kernels"]
             ref = f"{t['reference']:.3f}" if t["reference"] is not None else "skipped"
+            frac, yard = of_peak(case, t["kernels"], y)
+            peak = f"{100 * frac:.0f}% {yard}" if frac is not None else ""
             print(f"{case['op']:<16} {case['shape']:<40} {t['kernels']:>11.3f} {t['torch']:>10.3f} {ref:>13} "
-                  f"{speedup:>7.2f}x {rate:>14}", flush=True)
+                  f"{speedup:>7.2f}x {rate:>14} {peak:>10}", flush=True)
             rows.append(dict(op=case["op"], shape=case["shape"], kernels_ms=t["kernels"], torch_ms=t["torch"],
                              reference_ms=t["reference"], speedup=speedup, flops=case["flops"],
-                             bytes=case["bytes"]))
+                             bytes=case["bytes"], of_peak=frac, yardstick=yard))
     if args.json:
         args.json.write_text(json.dumps(dict(device=dev, machine=machine, dtype=str(dtype), torch=torch.__version__,
-                                             repeat=repeat, rounds=rounds, rows=rows), indent=1))
+                                             repeat=repeat, rounds=rounds, yardsticks=y, rows=rows), indent=1))
     return 0
 
 
