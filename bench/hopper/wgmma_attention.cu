@@ -308,6 +308,9 @@ AttnResult run_attention(int bh, int n, int m, int d) {
 }
 
 int main(int argc, char** argv) {
+  // Line-buffered even into a pipe (gpu_check.sh tees it): a run that `timeout` kills still leaves every line
+  // printed before.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   const std::string dir = argc > 1 ? argv[1] : "";
   int dev = 0, major = 0, minor = 0;
   CHECK(cudaGetDevice(&dev));
