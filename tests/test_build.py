@@ -57,9 +57,10 @@ def test_wgmma_wrappers_match_a_fresh_run():
 
 def test_hopper_harness_compiles_for_sm90a(tmp_path):
     """bench/hopper (the layout tests of the sm_90 attention kernel that bench/gpu_check.sh runs on an
-    H100/H200) keeps compiling against the kernel's header, all four (kOverlap, kTma) variants: ptxas accepts
-    it for sm_90a with the instructions the kernel is about (HGMMA; the TMA variant's tensor copies, UTMALDG,
-    and its mbarrier waits), nothing in local memory and no wgmma it had to serialize."""
+    H100/H200) keeps compiling against the kernel's header, every configuration it times: ptxas accepts it for
+    sm_90a with the instructions the kernel is about (HGMMA; the TMA variant's tensor copies, UTMALDG, its
+    mbarrier waits, setmaxnreg and the ping-pong's barrier arrivals), nothing in local memory and no wgmma it had
+    to serialize."""
     home = cuda_env.find_cuda_home()
     if home is None:
         pytest.skip("no CUDA toolkit: nothing to compile the harness with")
@@ -82,7 +83,8 @@ def test_hopper_harness_compiles_for_sm90a(tmp_path):
     # 128 x 24 + 256 x 240 = 384 x 168. Fewer, and the consumers' raise would wait forever.
     moving = re.findall(r"entry function '(\w*flash_wgmma_tma_kernel\w*Li2ELi128E\w*)'.*?Used (\d+) registers",
                         report, flags=re.S)
-    assert len(moving) == 6 and all(int(regs) == 168 for _, regs in moving), moving  # D 48/64/80, overlap or not
+    # D 48/64/80 x (plain, overlap, overlap with ping-pong)
+    assert len(moving) == 9 and all(int(regs) == 168 for _, regs in moving), moving
     cuobjdump = _cuobjdump(home)
     if cuobjdump is not None:
         sass = subprocess.run([cuobjdump, "-sass", str(exe)], capture_output=True, text=True).stdout
@@ -90,6 +92,7 @@ def test_hopper_harness_compiles_for_sm90a(tmp_path):
             assert f"HGMMA.64x{width}x16.F32" in sass, f"no 64x{width} wgmma in the harness's SASS"
         assert "UTMALDG.5D" in sass and "SYNCS.PHASECHK" in sass, "no TMA copy or mbarrier wait in the harness"
         assert "USETMAXREG.DEALLOC.CTAPOOL 0x18" in sass and "USETMAXREG.TRY_ALLOC.CTAPOOL" in sass
+        assert "BAR.ARV" in sass, "the ping-pong kernels' named-barrier arrivals are missing"
 
 
 def test_tma_tensor_maps_land_tiles_in_the_kernels_shared_layout(tmp_path):

@@ -214,7 +214,7 @@ struct AttnResult {
 
 // One call of the kernel on contiguous [bh, n, d] fp16 tensors (batch 1, bh heads), in the tile table's
 // warpgroup count, with the given key tile, kOverlap and kTma (the table's own choice is what sdcore runs).
-template <int DP, int kBc, bool kOverlap, bool kTma>
+template <int DP, int kBc, bool kOverlap, bool kTma, bool kPingPong = false>
 cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o, int bh, int n, int m, int d) {
   sdcore::AttentionParams p{};
   p.q = q, p.k = k, p.v = v, p.o = o;
@@ -228,7 +228,8 @@ cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o,
   const FlashArgs a = make_flash_args(p);
   if (!a.vec) return cudaErrorInvalidValue;  // the kernel loads 16-byte rows only
   if constexpr (kTma) {
-    const cudaError_t err = launch_flash_sm90_tma<__half, DP, Sm90Config<DP>::kWarpgroups, kBc, kOverlap>(a, nullptr);
+    const cudaError_t err =
+        launch_flash_sm90_tma<__half, DP, Sm90Config<DP>::kWarpgroups, kBc, kOverlap, kPingPong>(a, nullptr);
     if (err == cudaErrorInvalidValue || err == cudaErrorNotSupported) {
       std::fprintf(stderr, "the driver refused the TMA tensor maps (%s): csrc/cuda/tensor_map.cpp's 5-d map (8-element "
                    "chunks, rows, chunks, heads, batch) needs another shape; sdcore falls back to cp.async there\n",
@@ -240,7 +241,7 @@ cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o,
   }
 }
 
-template <int DP, int kBc, bool kOverlap, bool kTma>
+template <int DP, int kBc, bool kOverlap, bool kTma, bool kPingPong = false>
 AttnResult run_attention(int bh, int n, int m, int d) {
   std::mt19937 gen(1000 + DP + n);
   const auto q = random_halves(static_cast<size_t>(bh) * n * d, gen);
@@ -250,7 +251,7 @@ AttnResult run_attention(int bh, int n, int m, int d) {
   CHECK(cudaMalloc(&dout, static_cast<size_t>(bh) * n * d * sizeof(__half)));
   CHECK(cudaMemset(dout, 0xFF, static_cast<size_t>(bh) * n * d * sizeof(__half)));  // NaN
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  CHECK((launch<DP, kBc, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
+  CHECK((launch<DP, kBc, kOverlap, kTma, kPingPong>(dq, dk, dv, dout, bh, n, m, d)));
   CHECK(cudaDeviceSynchronize());
   std::vector<__half> out(static_cast<size_t>(bh) * n * d);
   CHECK(cudaMemcpy(out.data(), dout, out.size() * sizeof(__half), cudaMemcpyDeviceToHost));
@@ -292,10 +293,10 @@ AttnResult run_attention(int bh, int n, int m, int d) {
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) CHECK((launch<DP, kBc, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
+  for (int i = 0; i < 3; ++i) CHECK((launch<DP, kBc, kOverlap, kTma, kPingPong>(dq, dk, dv, dout, bh, n, m, d)));
   constexpr int kReps = 20;
   CHECK(cudaEventRecord(start));
-  for (int i = 0; i < kReps; ++i) CHECK((launch<DP, kBc, kOverlap, kTma>(dq, dk, dv, dout, bh, n, m, d)));
+  for (int i = 0; i < kReps; ++i) CHECK((launch<DP, kBc, kOverlap, kTma, kPingPong>(dq, dk, dv, dout, bh, n, m, d)));
   CHECK(cudaEventRecord(stop));
   CHECK(cudaEventSynchronize(stop));
   float ms = 0.0f;
@@ -351,13 +352,23 @@ int main(int argc, char** argv) {
   report("16 1024 1024 160" SUFFIX, run_attention<160, __VA_ARGS__>(16, 1024, 1024, 160));       \
   report("16 1000 77 64 (tails)" SUFFIX, run_attention<64, __VA_ARGS__>(16, 1000, 77, 64));      \
   report("2 4096 77 40 (cross)" SUFFIX, run_attention<48, __VA_ARGS__>(2, 4096, 77, 40));
-  // Template arguments: keys per tile, kOverlap, kTma.
+  // Template arguments: keys per tile, kOverlap, kTma, and (last, as the riskiest: a named-barrier mismatch
+  // would hang, not trap) kPingPong, which needs two consumer warpgroups, so not D = 160.
   SDCORE_SIZES("", 64, false, false)
   SDCORE_SIZES(" overlap", 64, true, false)
   SDCORE_SIZES(" tma", 64, false, true)
   SDCORE_SIZES(" tma overlap", 64, true, true)
   SDCORE_SIZES(" tma k128", 128, false, true)
   SDCORE_SIZES(" tma k128 overlap", 128, true, true)
+#define SDCORE_PINGPONG_SIZES(SUFFIX, BC)                                                                        \
+  report("1 128 128 64 (two tiles)" SUFFIX, run_attention<64, BC, true, true, true>(1, 128, 128, 64));          \
+  report("16 4096 4096 40 (pad 48)" SUFFIX, run_attention<48, BC, true, true, true>(16, 4096, 4096, 40));       \
+  report("16 4096 4096 64" SUFFIX, run_attention<64, BC, true, true, true>(16, 4096, 4096, 64));                \
+  report("16 4096 4096 80" SUFFIX, run_attention<80, BC, true, true, true>(16, 4096, 4096, 80));                \
+  report("16 1000 77 64 (tails)" SUFFIX, run_attention<64, BC, true, true, true>(16, 1000, 77, 64));
+  SDCORE_PINGPONG_SIZES(" tma overlap pingpong", 64)
+  SDCORE_PINGPONG_SIZES(" tma k128 overlap pingpong", 128)
+#undef SDCORE_PINGPONG_SIZES
 #undef SDCORE_SIZES
   return ok ? 0 : 1;
 }

@@ -21,8 +21,9 @@
 // bench/hopper/wgmma_attention.cu tests its layout assumptions one by one and times all four configurations;
 // bench/gpu_check.sh runs the attention tests with it; the default moves to it once it passes there and beats
 // the sm_80 kernel. The TMA kernel also comes with 128-key tiles (setmaxnreg moves the producer's registers to
-// the consumers), which the harness times beside the table's 64. Not yet in it: two consumers' softmax and
-// MMAs in ping-pong, swizzled shared layouts; tuning steps for a card that can measure them.
+// the consumers) and with its two consumers taking turns at the MMAs (ping-pong), which the harness times
+// beside the table's choice. Not yet in it: swizzled shared layouts; a tuning step for a card that can
+// measure it.
 #pragma once
 
 #include "attention_sm90_mainloop.cuh"
@@ -36,14 +37,15 @@ namespace attn {
 // The sm_90 tile table, per padded head dim: warpgroups computing per block (64 query rows each), keys per
 // step (64 or 128; the TMA kernel's 128-key tiles move the producer's registers to the consumers), whether a
 // warpgroup overlaps its softmax with its own P.V (kOverlap), and whether a producer warpgroup loads K/V by
-// TMA (kTma: flash_wgmma_tma_kernel) or every thread by cp.async (flash_wgmma_kernel). bench/hopper times the
-// settings of the last three columns, so a card decides them.
+// TMA (kTma: flash_wgmma_tma_kernel) or every thread by cp.async (flash_wgmma_kernel), and whether the TMA
+// kernel's two consumer warpgroups take turns issuing MMAs (kPingPong; with the overlap only). bench/hopper
+// times the settings of the last four columns, so a card decides them.
 template <int kDp>
 struct Sm90Config;
-template <> struct Sm90Config<48>  { static constexpr int kWarpgroups = 2, kBc = 64; static constexpr bool kOverlap = false, kTma = true; };
-template <> struct Sm90Config<64>  { static constexpr int kWarpgroups = 2, kBc = 64; static constexpr bool kOverlap = false, kTma = true; };
-template <> struct Sm90Config<80>  { static constexpr int kWarpgroups = 2, kBc = 64; static constexpr bool kOverlap = false, kTma = true; };
-template <> struct Sm90Config<160> { static constexpr int kWarpgroups = 1, kBc = 64; static constexpr bool kOverlap = false, kTma = true; };
+template <> struct Sm90Config<48>  { static constexpr int kWarpgroups = 2, kBc = 64; static constexpr bool kOverlap = false, kTma = true, kPingPong = false; };
+template <> struct Sm90Config<64>  { static constexpr int kWarpgroups = 2, kBc = 64; static constexpr bool kOverlap = false, kTma = true, kPingPong = false; };
+template <> struct Sm90Config<80>  { static constexpr int kWarpgroups = 2, kBc = 64; static constexpr bool kOverlap = false, kTma = true, kPingPong = false; };
+template <> struct Sm90Config<160> { static constexpr int kWarpgroups = 1, kBc = 64; static constexpr bool kOverlap = false, kTma = true, kPingPong = false; };
 
 // Keys in flight: the cp.async kernel double-buffers K/V, or keeps three stages when P.V of tile j - 1 still
 // reads V while tile j + 1 loads; the TMA producer runs up to four tiles ahead, as many as fit in 200 KB
@@ -109,9 +111,10 @@ __global__ void __launch_bounds__(kWarpgroups * 128) flash_wgmma_kernel(const Fl
   };
   // Every thread is done with the stage before a later acquire refills it.
   auto release = [](int) { __syncthreads(); };
+  NoTurn turn;
   float o[kDp / 2], row_sum[2];
-  wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, sQ + core_offset(wg * 64, 0, kBr), sKV,
-                                                      n_kv, n_wg, c, o, row_sum);
+  wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, turn, sQ + core_offset(wg * 64, 0, kBr),
+                                                      sKV, n_kv, n_wg, c, o, row_sum);
   // The stages are free (the last release was a block barrier): stage the output there.
   uint16_t* sO = reinterpret_cast<uint16_t*>(sKV);
   stage_output<T, kDp>(sO, o, row_sum, wg, warp, c.g, c.tg);
@@ -132,6 +135,17 @@ struct Sm90TmaArgs {
 };
 inline FlashArgs& flash_args_of(Sm90TmaArgs& args) { return args.a; }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// FlashAttention-3's ping-pong of two consumer warpgroups: named barriers 2 and 3, one per warpgroup, each
+// counting both warpgroups' 256 threads. A warpgroup waits at its own for its turn and, its MMAs issued,
+// arrives at the other's, so one runs its softmax while the other's MMAs occupy the tensor cores.
+struct PingPong {
+  int me;  // 0 or 1: the consumer warpgroup
+  __device__ __forceinline__ void take() const { named_barrier_sync(2 + me, 256); }
+  __device__ __forceinline__ void pass() const { named_barrier_arrive(3 - me, 256); }
+};
+#endif
+
 // The warp-specialized kernel (FlashAttention-3's producer/consumer split): warpgroup 0 is the producer, one of
 // its threads issuing every TMA copy (Q once, then K and V of each tile into a ring of kStages stages, each
 // guarded by a "full" mbarrier that the copies complete and an "empty" one that the consumers arrive on);
@@ -140,7 +154,7 @@ inline FlashArgs& flash_args_of(Sm90TmaArgs& args) { return args.a; }
 // Registers: a 384-thread block has 168 per thread. The consumers of 64-key tiles fit that (ptxas: 101-128);
 // for 128-key tiles the producer warpgroup hands its registers over with setmaxnreg, FlashAttention-3's split
 // (128 x 24 + 256 x 240 = 384 x 168, so the consumers' raise never waits on registers nobody frees).
-template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap>
+template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap, bool kPingPong>
 __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
     flash_wgmma_tma_kernel(const __grid_constant__ Sm90TmaArgs args) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -150,6 +164,7 @@ __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
   constexpr bool kMoveRegisters = kWarpgroups == 2 && kBc == 128;
   static_assert(kBc == 64 || kBc == 128, "S = Q K^T is one m64n64 or m64n128 wgmma per k-step");
   static_assert(kStages >= 2, "the producer needs a stage to fill while the consumers read one");
+  static_assert(!kPingPong || (kOverlap && kWarpgroups == 2), "ping-pong: two consumers, overlapped loop");
   static_assert(kDp % 16 == 0, "wgmma's k-step is 16");
   static_assert(size_t(kBr) * (kDp + 8) * 2 <= 2 * kStages * size_t(kTileKV), "the output is staged in the K/V stages");
   const FlashArgs& a = args.a;
@@ -205,8 +220,16 @@ __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
   auto acquire = [&](int j) { mbar_wait(&full[j % kStages], (j / kStages) & 1); };
   auto release = [&](int j) { mbar_arrive(&empty[j % kStages]); };
   float o[kDp / 2], row_sum[2];
-  wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, sQ + core_offset(cw * 64, 0, kBr), sKV,
-                                                      n_kv, n_wg, c, o, row_sum);
+  if constexpr (kPingPong) {
+    PingPong turn{cw};
+    if (cw == 1) named_barrier_arrive(2, 256);  // consumer 0 issues first
+    wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, turn, sQ + core_offset(cw * 64, 0, kBr),
+                                                        sKV, n_kv, n_wg, c, o, row_sum);
+  } else {
+    NoTurn turn;
+    wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, turn, sQ + core_offset(cw * 64, 0, kBr),
+                                                        sKV, n_kv, n_wg, c, o, row_sum);
+  }
   // Every tile's copies have landed and every consumer is past its last read once all consumers reach this
   // barrier (the producer issues no more): the stages are free for the output.
   named_barrier_sync(1, kConsumers);
@@ -235,7 +258,7 @@ cudaError_t launch_flash_sm90(const FlashArgs& a, cudaStream_t stream) {
 
 // With TMA: encodes the three tensor maps (16-byte aligned rows and strides, as a.vec promises), then launches.
 // A layout the driver's tensor maps can't describe returns the encoder's error before anything is launched.
-template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap>
+template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap, bool kPingPong = false>
 cudaError_t launch_flash_sm90_tma(const FlashArgs& a, cudaStream_t stream) {
   constexpr int kBr = kWarpgroups * 64;
   constexpr size_t smem = sm90_smem_bytes(kDp, kBr, kBc, kOverlap, true);
@@ -254,7 +277,7 @@ cudaError_t launch_flash_sm90_tma(const FlashArgs& a, cudaStream_t stream) {
   err = max_dynamic_smem(&max_smem);
   if (err != cudaSuccess) return err;
   if (smem > max_smem) return cudaErrorInvalidConfiguration;
-  return launch_kernel(flash_wgmma_tma_kernel<T, kDp, kWarpgroups, kBc, kOverlap>, args, kBr,
+  return launch_kernel(flash_wgmma_tma_kernel<T, kDp, kWarpgroups, kBc, kOverlap, kPingPong>, args, kBr,
                        (kWarpgroups + 1) * 128, smem, stream);
 }
 
@@ -265,7 +288,8 @@ template <typename T, int kDp>
 cudaError_t run_flash_sm90(FlashArgs a, cudaStream_t stream) {
   using C = Sm90Config<kDp>;
   if constexpr (C::kTma) {
-    const cudaError_t err = launch_flash_sm90_tma<T, kDp, C::kWarpgroups, C::kBc, C::kOverlap>(a, stream);
+    const cudaError_t err =
+        launch_flash_sm90_tma<T, kDp, C::kWarpgroups, C::kBc, C::kOverlap, C::kPingPong>(a, stream);
     if (err != cudaErrorInvalidValue && err != cudaErrorNotSupported) return err;
   }
   // The cp.async kernel keeps 64-key tiles: its block has no producer to take registers from.

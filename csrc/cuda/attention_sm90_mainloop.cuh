@@ -3,6 +3,8 @@
 // loop over the key tiles (S = Q K^T, the online softmax, O += P V, the normalized output).
 #pragma once
 
+#include <type_traits>
+
 #include "attention_launch.cuh"
 #include "wgmma_ops.cuh"
 
@@ -86,15 +88,25 @@ __device__ __forceinline__ void issue_qk(float (&s)[kBc / 2], const unsigned cha
   }
 }
 
+// Whose turn it is to issue MMAs, for warpgroups that take turns (the TMA kernel's ping-pong): take() waits for
+// this warpgroup's turn, pass() hands it on once its MMAs are issued. Without ping-pong, both are no-ops.
+struct NoTurn {
+  __device__ __forceinline__ void take() const {}
+  __device__ __forceinline__ void pass() const {}
+};
+
 // S = Q K^T, waited for: the first step of a tile when nothing else is in flight.
-template <typename T, int kDp, int kBr, int kBc>
-__device__ __forceinline__ void compute_qk(float (&s)[kBc / 2], const unsigned char* sQw, const unsigned char* sK) {
+template <typename T, int kDp, int kBr, int kBc, typename Turn>
+__device__ __forceinline__ void compute_qk(float (&s)[kBc / 2], const unsigned char* sQw, const unsigned char* sK,
+                                           Turn& turn) {
 #pragma unroll
   for (int i = 0; i < kBc / 2; ++i) s[i] = 0.0f;
   fence_operands(s);
   wgmma_fence();
+  turn.take();
   issue_qk<T, kDp, kBr, kBc>(s, sQw, sK);
   wgmma_commit();
+  turn.pass();
   wgmma_wait<0>();
   fence_operands(s);
 }
@@ -190,10 +202,15 @@ struct RowCtx {
 // tensor cores, then wait for P.V and rescale O. P stays in registers across the iteration, so tile j - 1's
 // stage is released one iteration late. No wgmma sits in a branch: ptxas serializes wgmma around branches it
 // can't prove warpgroup-uniform, so causal runs every tile, and the mask zeroes the keys a row can't see.
-template <typename T, int kDp, int kBr, int kBc, int kStages, bool kOverlap, typename Acquire, typename Release>
-__device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& release, const unsigned char* sQw,
-                                               const unsigned char* sKV, int n_kv, int n_wg, const RowCtx& c,
-                                               float (&o)[kDp / 2], float (&row_sum)[2]) {
+// turn (overlap only): every issue of MMAs sits between turn.take() and turn.pass(), n_kv + 1 of them, the
+// same count in every warpgroup of the block, so warpgroups that take turns (FlashAttention-3's ping-pong:
+// one's softmax while the other's MMAs run) stay in step.
+template <typename T, int kDp, int kBr, int kBc, int kStages, bool kOverlap, typename Acquire, typename Release,
+          typename Turn>
+__device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& release, Turn& turn,
+                                               const unsigned char* sQw, const unsigned char* sKV, int n_kv,
+                                               int n_wg, const RowCtx& c, float (&o)[kDp / 2],
+                                               float (&row_sum)[2]) {
   constexpr int kTileKV = kBc * kDp * 2;
   auto sK = [&](int j) { return sKV + (j % kStages) * kTileKV; };
   auto sV = [&](int j) { return sKV + (kStages + j % kStages) * kTileKV; };
@@ -205,10 +222,13 @@ __device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& rele
   uint32_t pa[kBc / 16][4];  // P of the last softmax, as the A operand of P.V
 
   if constexpr (!kOverlap) {
+    // A warpgroup skips causal tiles here, so the warpgroups' issue counts differ: no turn-taking.
+    static_assert(std::is_same<Turn, const NoTurn>::value || std::is_same<Turn, NoTurn>::value,
+                  "warpgroups take turns only in the overlapped loop");
     for (int j = 0; j < n_kv; ++j) {
       acquire(j);
       if (j < n_wg) {
-        compute_qk<T, kDp, kBr, kBc>(s, sQw, sK(j));
+        compute_qk<T, kDp, kBr, kBc>(s, sQw, sK(j), turn);
         softmax_tile<kBc>(s, row_max, row_sum, f, j * kBc, c.row0, c.M, c.causal, c.sl2, c.g, c.tg);
         rescale<kDp>(o, f);
         pack_p<T, kBc>(pa, s);
@@ -224,7 +244,7 @@ __device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& rele
   } else {
     (void)n_wg;
     acquire(0);
-    compute_qk<T, kDp, kBr, kBc>(s, sQw, sK(0));
+    compute_qk<T, kDp, kBr, kBc>(s, sQw, sK(0), turn);
     softmax_tile<kBc>(s, row_max, row_sum, f, 0, c.row0, c.M, c.causal, c.sl2, c.g, c.tg);  // O is still zero
     pack_p<T, kBc>(pa, s);
     for (int j = 1; j < n_kv; ++j) {
@@ -234,10 +254,12 @@ __device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& rele
       fence_operands(s);
       fence_operands(o);
       wgmma_fence();  // orders the register writes (s, pa, o) before the MMAs read them
+      turn.take();
       issue_qk<T, kDp, kBr, kBc>(s, sQw, sK(j));
       wgmma_commit();
       issue_pv<T, kDp, kBc>(o, pa, sV(j - 1));
       wgmma_commit();
+      turn.pass();
       wgmma_wait<1>();
       fence_operands(s);
       softmax_tile<kBc>(s, row_max, row_sum, f, j * kBc, c.row0, c.M, c.causal, c.sl2, c.g, c.tg);
@@ -249,8 +271,10 @@ __device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& rele
     }
     fence_operands(o);
     wgmma_fence();
+    turn.take();
     issue_pv<T, kDp, kBc>(o, pa, sV(n_kv - 1));
     wgmma_commit();
+    turn.pass();
     wgmma_wait<0>();
     fence_operands(o);
     release(n_kv - 1);
