@@ -43,8 +43,8 @@ def yardsticks(dev, dtype, repeat):
     """What the op rates are put beside, measured here and now: the GB/s of a copy too large for any cache
     (2 x 128 MiB on the CPU, 2 x 512 MiB on a GPU) and the GFLOP/s of a square matmul in the bench's dtype;
     on a GPU whose spec sheet GPU_SPECS knows, also its tensor-core peak and memory bandwidth."""
-    elements = (128 << 20) // 4 if dev == "cpu" else (512 << 20) // torch.finfo(dtype).bits * 8
-    src = torch.randn(elements, device=dev, dtype=dtype)
+    nbytes = (128 if dev == "cpu" else 512) << 20
+    src = torch.randn(nbytes // torch.finfo(dtype).bits * 8, device=dev, dtype=dtype)
     dst = torch.empty_like(src)
     copy_ms = timeit(lambda: dst.copy_(src), dev, max(3, repeat // 5))
     size = 2048 if dev == "cpu" else 8192

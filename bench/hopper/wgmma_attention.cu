@@ -228,14 +228,16 @@ cudaError_t launch(const __half* q, const __half* k, const __half* v, __half* o,
   const FlashArgs a = make_flash_args(p);
   if (!a.vec) return cudaErrorInvalidValue;  // the kernel loads 16-byte rows only
   if constexpr (kTma) {
-    const cudaError_t err =
-        launch_flash_sm90_tma<__half, DP, Sm90Config<DP>::kWarpgroups, kBc, kOverlap, kPingPong>(a, nullptr);
-    if (err == cudaErrorInvalidValue || err == cudaErrorNotSupported) {
+    constexpr int kWG = Sm90Config<DP>::kWarpgroups;
+    Sm90TmaArgs args;
+    const cudaError_t err = make_sm90_tma_args<DP, kWG * 64, kBc>(a, &args);
+    if (err != cudaSuccess) {
       std::fprintf(stderr, "the driver refused the TMA tensor maps (%s): csrc/cuda/tensor_map.cpp's 5-d map (8-element "
                    "chunks, rows, chunks, heads, batch) needs another shape; sdcore falls back to cp.async there\n",
                    cudaGetErrorString(err));
+      return err;
     }
-    return err;
+    return launch_flash_sm90_tma<__half, DP, kWG, kBc, kOverlap, kPingPong>(args, nullptr);
   } else {
     return launch_flash_sm90<__half, DP, Sm90Config<DP>::kWarpgroups, kBc, kOverlap>(a, nullptr);
   }

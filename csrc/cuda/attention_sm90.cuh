@@ -111,10 +111,10 @@ __global__ void __launch_bounds__(kWarpgroups * 128) flash_wgmma_kernel(const Fl
   };
   // Every thread is done with the stage before a later acquire refills it.
   auto release = [](int) { __syncthreads(); };
-  NoTurn turn;
   float o[kDp / 2], row_sum[2];
-  wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, turn, sQ + core_offset(wg * 64, 0, kBr),
-                                                      sKV, n_kv, n_wg, c, o, row_sum);
+  wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, Turns<false>{wg},
+                                                      sQ + core_offset(wg * 64, 0, kBr), sKV, n_kv, n_wg, c, o,
+                                                      row_sum);
   // The stages are free (the last release was a block barrier): stage the output there.
   uint16_t* sO = reinterpret_cast<uint16_t*>(sKV);
   stage_output<T, kDp>(sO, o, row_sum, wg, warp, c.g, c.tg);
@@ -134,17 +134,6 @@ struct Sm90TmaArgs {
   FlashArgs a;
 };
 inline FlashArgs& flash_args_of(Sm90TmaArgs& args) { return args.a; }
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// FlashAttention-3's ping-pong of two consumer warpgroups: named barriers 2 and 3, one per warpgroup, each
-// counting both warpgroups' 256 threads. A warpgroup waits at its own for its turn and, its MMAs issued,
-// arrives at the other's, so one runs its softmax while the other's MMAs occupy the tensor cores.
-struct PingPong {
-  int me;  // 0 or 1: the consumer warpgroup
-  __device__ __forceinline__ void take() const { named_barrier_sync(2 + me, 256); }
-  __device__ __forceinline__ void pass() const { named_barrier_arrive(3 - me, 256); }
-};
-#endif
 
 // The warp-specialized kernel (FlashAttention-3's producer/consumer split): warpgroup 0 is the producer, one of
 // its threads issuing every TMA copy (Q once, then K and V of each tile into a ring of kStages stages, each
@@ -219,17 +208,13 @@ __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
   // Data a TMA copy completed on an mbarrier is visible to wgmma (both the async proxy) once the wait returns.
   auto acquire = [&](int j) { mbar_wait(&full[j % kStages], (j / kStages) & 1); };
   auto release = [&](int j) { mbar_arrive(&empty[j % kStages]); };
-  float o[kDp / 2], row_sum[2];
   if constexpr (kPingPong) {
-    PingPong turn{cw};
     if (cw == 1) named_barrier_arrive(2, 256);  // consumer 0 issues first
-    wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, turn, sQ + core_offset(cw * 64, 0, kBr),
-                                                        sKV, n_kv, n_wg, c, o, row_sum);
-  } else {
-    NoTurn turn;
-    wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, turn, sQ + core_offset(cw * 64, 0, kBr),
-                                                        sKV, n_kv, n_wg, c, o, row_sum);
   }
+  float o[kDp / 2], row_sum[2];
+  wgmma_mainloop<T, kDp, kBr, kBc, kStages, kOverlap>(acquire, release, Turns<kPingPong>{cw},
+                                                      sQ + core_offset(cw * 64, 0, kBr), sKV, n_kv, n_wg, c, o,
+                                                      row_sum);
   // Every tile's copies have landed and every consumer is past its last read once all consumers reach this
   // barrier (the producer issues no more): the stages are free for the output.
   named_barrier_sync(1, kConsumers);
@@ -256,25 +241,30 @@ cudaError_t launch_flash_sm90(const FlashArgs& a, cudaStream_t stream) {
                        stream);
 }
 
-// With TMA: encodes the three tensor maps (16-byte aligned rows and strides, as a.vec promises), then launches.
-// A layout the driver's tensor maps can't describe returns the encoder's error before anything is launched.
+// The TMA kernel's arguments: the three tensor maps (16-byte aligned rows and strides, as a.vec promises) with
+// kBr-row Q boxes and kBc-row K/V boxes. Fails with the encoder's error for a layout no tensor map describes
+// (a zero stride, say) or a driver without the encoder; nothing is launched then.
+template <int kDp, int kBr, int kBc>
+cudaError_t make_sm90_tma_args(const FlashArgs& a, Sm90TmaArgs* args) {
+  args->a = a;
+  const int64_t batch = a.batch_heads / a.heads;
+  cudaError_t err = encode_head_tile_map(&args->q, a.q, batch, a.heads, a.n, a.d, a.q_sb, a.q_sh, a.q_sn, kBr, kDp);
+  if (err == cudaSuccess) {
+    err = encode_head_tile_map(&args->k, a.k, batch, a.heads, a.m, a.d, a.k_sb, a.k_sh, a.k_sm, kBc, kDp);
+  }
+  if (err == cudaSuccess) {
+    err = encode_head_tile_map(&args->v, a.v, batch, a.heads, a.m, a.d, a.v_sb, a.v_sh, a.v_sm, kBc, kDp);
+  }
+  return err;
+}
+
+// One configuration's launch with TMA, on arguments make_sm90_tma_args built for it.
 template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap, bool kPingPong = false>
-cudaError_t launch_flash_sm90_tma(const FlashArgs& a, cudaStream_t stream) {
+cudaError_t launch_flash_sm90_tma(const Sm90TmaArgs& args, cudaStream_t stream) {
   constexpr int kBr = kWarpgroups * 64;
   constexpr size_t smem = sm90_smem_bytes(kDp, kBr, kBc, kOverlap, true);
-  Sm90TmaArgs args;
-  args.a = a;
-  const int64_t batch = a.batch_heads / a.heads;
-  cudaError_t err = encode_head_tile_map(&args.q, a.q, batch, a.heads, a.n, a.d, a.q_sb, a.q_sh, a.q_sn, kBr, kDp);
-  if (err == cudaSuccess) {
-    err = encode_head_tile_map(&args.k, a.k, batch, a.heads, a.m, a.d, a.k_sb, a.k_sh, a.k_sm, kBc, kDp);
-  }
-  if (err == cudaSuccess) {
-    err = encode_head_tile_map(&args.v, a.v, batch, a.heads, a.m, a.d, a.v_sb, a.v_sh, a.v_sm, kBc, kDp);
-  }
-  if (err != cudaSuccess) return err;
   size_t max_smem = 0;
-  err = max_dynamic_smem(&max_smem);
+  const cudaError_t err = max_dynamic_smem(&max_smem);
   if (err != cudaSuccess) return err;
   if (smem > max_smem) return cudaErrorInvalidConfiguration;
   return launch_kernel(flash_wgmma_tma_kernel<T, kDp, kWarpgroups, kBc, kOverlap, kPingPong>, args, kBr,
@@ -282,15 +272,16 @@ cudaError_t launch_flash_sm90_tma(const FlashArgs& a, cudaStream_t stream) {
 }
 
 // Needs a.vec (16-byte aligned rows, d % 8 == 0), an fp16/bf16 T and a cc 9.0 device; attention.cu checks.
-// The table's TMA kernel falls back to the cp.async one where no tensor map describes the inputs (a stride of
-// zero, say) or the driver has no tensor-map encoder.
+// The table's TMA kernel runs where tensor maps describe the inputs, the cp.async one elsewhere (a stride of
+// zero, say, or a driver without the tensor-map encoder); a launch error of either is returned as it is.
 template <typename T, int kDp>
 cudaError_t run_flash_sm90(FlashArgs a, cudaStream_t stream) {
   using C = Sm90Config<kDp>;
   if constexpr (C::kTma) {
-    const cudaError_t err =
-        launch_flash_sm90_tma<T, kDp, C::kWarpgroups, C::kBc, C::kOverlap, C::kPingPong>(a, stream);
-    if (err != cudaErrorInvalidValue && err != cudaErrorNotSupported) return err;
+    Sm90TmaArgs args;
+    if (make_sm90_tma_args<kDp, C::kWarpgroups * 64, C::kBc>(a, &args) == cudaSuccess) {
+      return launch_flash_sm90_tma<T, kDp, C::kWarpgroups, C::kBc, C::kOverlap, C::kPingPong>(args, stream);
+    }
   }
   // The cp.async kernel keeps 64-key tiles: its block has no producer to take registers from.
   return launch_flash_sm90<T, kDp, C::kWarpgroups, 64, C::kOverlap>(a, stream);

@@ -3,9 +3,8 @@
 // loop over the key tiles (S = Q K^T, the online softmax, O += P V, the normalized output).
 #pragma once
 
-#include <type_traits>
-
 #include "attention_launch.cuh"
+#include "tma_ptx.cuh"
 #include "wgmma_ops.cuh"
 
 namespace sdcore {
@@ -88,17 +87,25 @@ __device__ __forceinline__ void issue_qk(float (&s)[kBc / 2], const unsigned cha
   }
 }
 
-// Whose turn it is to issue MMAs, for warpgroups that take turns (the TMA kernel's ping-pong): take() waits for
-// this warpgroup's turn, pass() hands it on once its MMAs are issued. Without ping-pong, both are no-ops.
-struct NoTurn {
-  __device__ __forceinline__ void take() const {}
-  __device__ __forceinline__ void pass() const {}
+// Whose turn it is to issue MMAs. With kPingPong (the TMA kernel's two consumers, FlashAttention-3's
+// ping-pong): named barriers 2 and 3, one per consumer warpgroup `me`, each counting both warpgroups' 256
+// threads; take() waits at its own for this warpgroup's turn, pass() arrives at the other's once its MMAs are
+// issued, so one runs its softmax while the other's MMAs occupy the tensor cores. Without, both are no-ops.
+template <bool kPingPong>
+struct Turns {
+  int me;  // 0 or 1: the consumer warpgroup
+  __device__ __forceinline__ void take() const {
+    if constexpr (kPingPong) named_barrier_sync(2 + me, 256);
+  }
+  __device__ __forceinline__ void pass() const {
+    if constexpr (kPingPong) named_barrier_arrive(3 - me, 256);
+  }
 };
 
 // S = Q K^T, waited for: the first step of a tile when nothing else is in flight.
-template <typename T, int kDp, int kBr, int kBc, typename Turn>
+template <typename T, int kDp, int kBr, int kBc, bool kPingPong>
 __device__ __forceinline__ void compute_qk(float (&s)[kBc / 2], const unsigned char* sQw, const unsigned char* sK,
-                                           Turn& turn) {
+                                           const Turns<kPingPong>& turn) {
 #pragma unroll
   for (int i = 0; i < kBc / 2; ++i) s[i] = 0.0f;
   fence_operands(s);
@@ -205,9 +212,9 @@ struct RowCtx {
 // turn (overlap only): every issue of MMAs sits between turn.take() and turn.pass(), n_kv + 1 of them, the
 // same count in every warpgroup of the block, so warpgroups that take turns (FlashAttention-3's ping-pong:
 // one's softmax while the other's MMAs run) stay in step.
-template <typename T, int kDp, int kBr, int kBc, int kStages, bool kOverlap, typename Acquire, typename Release,
-          typename Turn>
-__device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& release, Turn& turn,
+template <typename T, int kDp, int kBr, int kBc, int kStages, bool kOverlap, bool kPingPong, typename Acquire,
+          typename Release>
+__device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& release, const Turns<kPingPong>& turn,
                                                const unsigned char* sQw, const unsigned char* sKV, int n_kv,
                                                int n_wg, const RowCtx& c, float (&o)[kDp / 2],
                                                float (&row_sum)[2]) {
@@ -223,8 +230,7 @@ __device__ __forceinline__ void wgmma_mainloop(Acquire&& acquire, Release&& rele
 
   if constexpr (!kOverlap) {
     // A warpgroup skips causal tiles here, so the warpgroups' issue counts differ: no turn-taking.
-    static_assert(std::is_same<Turn, const NoTurn>::value || std::is_same<Turn, NoTurn>::value,
-                  "warpgroups take turns only in the overlapped loop");
+    static_assert(!kPingPong, "warpgroups take turns only in the overlapped loop");
     for (int j = 0; j < n_kv; ++j) {
       acquire(j);
       if (j < n_wg) {
