@@ -228,17 +228,23 @@ __global__ void __launch_bounds__((kWarpgroups + 1) * 128, 1)
 #endif
 }
 
-// One configuration's launch, without TMA (bench/hopper times every configuration through these).
-template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap>
-cudaError_t launch_flash_sm90(const FlashArgs& a, cudaStream_t stream) {
-  constexpr int kBr = kWarpgroups * 64;
-  constexpr size_t smem = sm90_smem_bytes(kDp, kBr, kBc, kOverlap, false);
+// launch_kernel where the device has the shared memory (every sm_90 part has 227 KB; the table needs <= 200 KB).
+template <typename Kernel, typename Args>
+cudaError_t launch_if_smem_fits(Kernel kernel, const Args& args, int block_rows, int threads, size_t smem,
+                                cudaStream_t stream) {
   size_t max_smem = 0;
   const cudaError_t err = max_dynamic_smem(&max_smem);
   if (err != cudaSuccess) return err;
-  if (smem > max_smem) return cudaErrorInvalidConfiguration;  // every sm_90 part has 227 KB; this needs <= 140 KB
-  return launch_kernel(flash_wgmma_kernel<T, kDp, kWarpgroups, kBc, kOverlap>, a, kBr, kWarpgroups * 128, smem,
-                       stream);
+  if (smem > max_smem) return cudaErrorInvalidConfiguration;
+  return launch_kernel(kernel, args, block_rows, threads, smem, stream);
+}
+
+// One configuration's launch, without TMA (bench/hopper times every configuration through these).
+template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap>
+cudaError_t launch_flash_sm90(const FlashArgs& a, cudaStream_t stream) {
+  return launch_if_smem_fits(flash_wgmma_kernel<T, kDp, kWarpgroups, kBc, kOverlap>, a, kWarpgroups * 64,
+                             kWarpgroups * 128, sm90_smem_bytes(kDp, kWarpgroups * 64, kBc, kOverlap, false),
+                             stream);
 }
 
 // The TMA kernel's arguments: the three tensor maps (16-byte aligned rows and strides, as a.vec promises) with
@@ -261,14 +267,9 @@ cudaError_t make_sm90_tma_args(const FlashArgs& a, Sm90TmaArgs* args) {
 // One configuration's launch with TMA, on arguments make_sm90_tma_args built for it.
 template <typename T, int kDp, int kWarpgroups, int kBc, bool kOverlap, bool kPingPong = false>
 cudaError_t launch_flash_sm90_tma(const Sm90TmaArgs& args, cudaStream_t stream) {
-  constexpr int kBr = kWarpgroups * 64;
-  constexpr size_t smem = sm90_smem_bytes(kDp, kBr, kBc, kOverlap, true);
-  size_t max_smem = 0;
-  const cudaError_t err = max_dynamic_smem(&max_smem);
-  if (err != cudaSuccess) return err;
-  if (smem > max_smem) return cudaErrorInvalidConfiguration;
-  return launch_kernel(flash_wgmma_tma_kernel<T, kDp, kWarpgroups, kBc, kOverlap, kPingPong>, args, kBr,
-                       (kWarpgroups + 1) * 128, smem, stream);
+  return launch_if_smem_fits(flash_wgmma_tma_kernel<T, kDp, kWarpgroups, kBc, kOverlap, kPingPong>, args,
+                             kWarpgroups * 64, (kWarpgroups + 1) * 128,
+                             sm90_smem_bytes(kDp, kWarpgroups * 64, kBc, kOverlap, true), stream);
 }
 
 // Needs a.vec (16-byte aligned rows, d % 8 == 0), an fp16/bf16 T and a cc 9.0 device; attention.cu checks.
