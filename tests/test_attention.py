@@ -49,6 +49,20 @@ def test_vae_mid_block_single_head_512(poisoned, device, dtype):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_single_head_shorter_than_a_row_block(poisoned, device, threads):
+    # The VAE mid-block at a 128x128 image: one head of 256 tokens is less than one CPU row block at D = 512, so
+    # the CPU kernel splits it into smaller blocks to give every thread a task (3 threads: blocks of 96 rows,
+    # one a tail). Every split must give the same rows.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(*_inputs(1, 1, 256, 256, 512, device, torch.float32))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [1, 77, 97, 130])
 def test_causal(poisoned, device, dtype, n):
