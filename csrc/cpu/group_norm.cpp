@@ -19,24 +19,23 @@ namespace sdcore {
 namespace cpu {
 namespace {
 
-// Per-channel affine of one group: y = (x - center) * scale + shift, with center = the mean rounded to
-// float and shift = beta - (mean - center) * scale. Folding the whole mean into shift instead would round
-// mean * scale to float and lose |mean| / std digits.
-struct ChannelAffine {
-  float center, scale, shift;
-};
-
-void channel_affine(const GroupNormParams& p, const Welford<double>& w, int64_t c0, int64_t cg, ChannelAffine* out) {
+// Per-channel affine of one group, y = (x - center) * scale + shift, written to center/scale/shift[i] for its
+// cg channels: center = the mean rounded to float and shift = beta - (mean - center) * scale. Folding the
+// whole mean into shift instead would round mean * scale to float and lose |mean| / std digits.
+void channel_affine(const GroupNormParams& p, const Welford<double>& w, int64_t c0, int64_t cg, float* center,
+                    float* scale, float* shift) {
   // The CPU computes in float32 (half inputs run on float32 copies), so weight and bias are float32 here.
   const float* gamma = static_cast<const float*>(p.gamma);
   const float* beta_p = static_cast<const float*>(p.beta);
   const double rstd = 1.0 / std::sqrt(w.variance() + static_cast<double>(p.eps));
-  const float center = static_cast<float>(w.mean);
-  const double rest = w.mean - static_cast<double>(center);
+  const float c = static_cast<float>(w.mean);
+  const double rest = w.mean - static_cast<double>(c);
   for (int64_t i = 0; i < cg; ++i) {
-    const double scale = rstd * (gamma ? gamma[c0 + i] : 1.0);
+    const double a = rstd * (gamma ? gamma[c0 + i] : 1.0);
     const double beta = beta_p ? beta_p[c0 + i] : 0.0;
-    out[i] = {center, static_cast<float>(scale), static_cast<float>(group_norm_shift(beta, rest, scale))};
+    center[i] = c;
+    scale[i] = static_cast<float>(a);
+    shift[i] = static_cast<float>(group_norm_shift(beta, rest, a));
   }
 }
 
@@ -45,7 +44,6 @@ void group_norm_nchw(const GroupNormParams& p) {
   float* y = static_cast<float*>(p.y);
   const int64_t cg = p.channels / p.groups, hw = p.hw;
   at::parallel_for(0, p.batch * p.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<ChannelAffine> affine(cg);
     std::vector<float> center(cg), scale(cg), shift(cg);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task % p.groups;
@@ -53,12 +51,7 @@ void group_norm_nchw(const GroupNormParams& p) {
       double s = 0, q = 0;
       shifted_sums(xg, cg * hw, xg[0], s, q);
       channel_affine(p, welford_from_shifted_sums<double>(xg[0], s, q, static_cast<double>(cg * hw)), g * cg, cg,
-                     affine.data());
-      for (int64_t i = 0; i < cg; ++i) {
-        center[i] = affine[i].center;
-        scale[i] = affine[i].scale;
-        shift[i] = affine[i].shift;
-      }
+                     center.data(), scale.data(), shift.data());
       affine_act_rows(xg, y + task * cg * hw, cg, hw, center.data(), scale.data(), shift.data(), p.silu);
     }
   });
@@ -95,7 +88,8 @@ void group_norm_nhwc(const GroupNormParams& p) {
   // A group's sums around one shift k (its first channel's): moving channel c's sums from its own shift by
   // d = shift_c - k is exact algebra in double, with no division per channel (a Welford merge per channel
   // cost more than the whole pass at 8x8 pixels).
-  std::vector<ChannelAffine> affine(p.batch * C);
+  // Every image's per-channel affine, [batch, C] each, each group's channels written by exactly one task.
+  std::vector<float> center(p.batch * C), scale(p.batch * C), shift(p.batch * C);
   at::parallel_for(0, p.batch * G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, c0 = bg % G * cg;
@@ -112,27 +106,18 @@ void group_norm_nhwc(const GroupNormParams& p) {
         gs += cs + hw * d;
         gq += cq + 2.0 * d * cs + hw * d * d;
       }
+      const int64_t at = b * C + c0;
       channel_affine(p, welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw)), c0, cg,
-                     &affine[b * C + c0]);
+                     &center[at], &scale[at], &shift[at]);
     }
   });
 
-  // Apply: one subtract and multiply-add (+ SiLU) per element, pixel rows in parallel.
+  // Apply: one subtract and multiply-add (+ SiLU) per element, runs of pixel rows in parallel.
   at::parallel_for(0, p.batch * hw, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> center(C), scale(C), shift(C);
-    int64_t loaded_b = -1;
-    for (int64_t px = begin; px < end; ++px) {
-      const int64_t b = px / hw;
-      if (b != loaded_b) {
-        for (int64_t c = 0; c < C; ++c) {
-          const ChannelAffine& a = affine[b * C + c];
-          center[c] = a.center;
-          scale[c] = a.scale;
-          shift[c] = a.shift;
-        }
-        loaded_b = b;
-      }
-      affine_act_channels(x + px * C, y + px * C, C, center.data(), scale.data(), shift.data(), p.silu);
+    for (int64_t px = begin; px < end;) {
+      const int64_t b = px / hw, run = std::min(end, (b + 1) * hw) - px;  // rows of one image
+      affine_act_channels(x + px * C, y + px * C, run, C, &center[b * C], &scale[b * C], &shift[b * C], p.silu);
+      px += run;
     }
   });
 }

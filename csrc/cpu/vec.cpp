@@ -136,14 +136,18 @@ BODY void affine_act_rows_body(const float* x, float* y, int64_t rows, int64_t n
   }
 }
 
-BODY void affine_act_channels_body(const float* x, float* y, int64_t channels, const float* center,
-                                             const float* scale, const float* shift, bool silu) {
-  if (silu) {
+BODY void affine_act_channels_body(const float* x, float* y, int64_t pixels, int64_t channels, const float* center,
+                                   const float* scale, const float* shift, bool silu) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* xr = x + p * channels;
+    float* yr = y + p * channels;
+    if (silu) {
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) y[c] = fast_silu((x[c] - center[c]) * scale[c] + shift[c]);
-  } else {
+      for (int64_t c = 0; c < channels; ++c) yr[c] = fast_silu((xr[c] - center[c]) * scale[c] + shift[c]);
+    } else {
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) y[c] = (x[c] - center[c]) * scale[c] + shift[c];
+      for (int64_t c = 0; c < channels; ++c) yr[c] = (xr[c] - center[c]) * scale[c] + shift[c];
+    }
   }
 }
 
@@ -317,10 +321,12 @@ __attribute__((target("arch=x86-64-v4"))) void affine_act_rows_avx512_silu(
 }
 
 __attribute__((target("arch=x86-64-v4"))) void affine_act_channels_avx512_silu(
-    const float* x, float* y, int64_t channels, const float* center, const float* scale, const float* shift,
-    bool silu) {
-  if (!silu) return affine_act_channels_body(x, y, channels, center, scale, shift, false);
-  affine_silu16<false>(x, y, channels, center, scale, shift);
+    const float* x, float* y, int64_t pixels, int64_t channels, const float* center, const float* scale,
+    const float* shift, bool silu) {
+  if (!silu) return affine_act_channels_body(x, y, pixels, channels, center, scale, shift, false);
+  for (int64_t p = 0; p < pixels; ++p) {
+    affine_silu16<false>(x + p * channels, y + p * channels, channels, center, scale, shift);
+  }
 }
 #endif
 
@@ -347,9 +353,9 @@ SDCORE_VARIANTS(void, affine_act_rows,
                  const float* shift, bool silu),
                 (x, y, rows, n, center, scale, shift, silu))
 SDCORE_VARIANTS(void, affine_act_channels,
-                (const float* x, float* y, int64_t channels, const float* center, const float* scale,
-                 const float* shift, bool silu),
-                (x, y, channels, center, scale, shift, silu))
+                (const float* x, float* y, int64_t pixels, int64_t channels, const float* center,
+                 const float* scale, const float* shift, bool silu),
+                (x, y, pixels, channels, center, scale, shift, silu))
 SDCORE_VARIANTS(void, channel_sums,
                 (const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift, float* sum,
                  float* sumsq),
@@ -424,9 +430,9 @@ void affine_act_rows(const float* x, float* y, int64_t rows, int64_t n, const fl
                      const float* shift, bool silu) {
   kernels().affine_act_rows(x, y, rows, n, center, scale, shift, silu);
 }
-void affine_act_channels(const float* x, float* y, int64_t channels, const float* center, const float* scale,
-                         const float* shift, bool silu) {
-  kernels().affine_act_channels(x, y, channels, center, scale, shift, silu);
+void affine_act_channels(const float* x, float* y, int64_t pixels, int64_t channels, const float* center,
+                         const float* scale, const float* shift, bool silu) {
+  kernels().affine_act_channels(x, y, pixels, channels, center, scale, shift, silu);
 }
 void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift,
                   float* sum, float* sumsq) {
