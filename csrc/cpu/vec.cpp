@@ -300,12 +300,12 @@ SDCORE_AVX512 void affine_silu16(const float* x, float* y, int64_t n, const floa
 // at or below -87.33654 (-inf included, whose lanes compute NaN before the mask) the weight is exactly 0, and
 // NaN (unordered, so kept by the mask) stays NaN.
 __attribute__((target("arch=x86-64-v4"))) float exp_sub_sum_avx512_scalef(float* x, int64_t n, float sub) {
-  const __m512 vs = _mm512_set1_ps(sub), floor = _mm512_set1_ps(-87.33654f);
+  const __m512 vs = _mm512_set1_ps(sub), lowest = _mm512_set1_ps(-87.33654f);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
     const __m512 t = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), vs);
-    const __mmask16 keep = _mm512_cmp_ps_mask(t, floor, _CMP_NLE_UQ);
+    const __mmask16 keep = _mm512_cmp_ps_mask(t, lowest, _CMP_NLE_UQ);
     const __m512 e = _mm512_maskz_mov_ps(keep, exp_in_range16(t));
     _mm512_mask_storeu_ps(x + j, m, e);
     acc = _mm512_mask_add_ps(acc, m, acc, e);
