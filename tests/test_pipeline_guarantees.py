@@ -193,6 +193,31 @@ def test_one_pipeline_from_many_threads_gives_each_call_its_sequential_result(pi
         np.testing.assert_array_equal(results[k], sequential[k], err_msg=f"call {k} differs under threads")
 
 
+def test_pipelines_sharing_a_tokenizer_tokenize_from_many_threads(pipe):
+    """from_pipe shares the tokenizer, whose padding settings live on the object while it encodes: with a lock
+    per pipeline, a txt2img and an img2img call tokenizing at once padded to the longest prompt (a handful of
+    ids in ~2400 here) instead of 77, and the text encoder's batch then failed to concatenate."""
+    pipes = (pipe, StableDiffusionImg2ImgPipeline.from_pipe(pipe))
+    length = pipe.tokenizer.model_max_length
+    shapes, errors = [], []
+
+    def worker(i):
+        try:
+            for k in range(300):
+                shapes.append(tuple(pipes[i % 2]._tokens([f"prompt {i} {k}", "a longer prompt " * (k % 5)]).shape))
+        except Exception as exc:  # noqa: BLE001 — reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(shapes) == 8 * 300
+    assert set(shapes) == {(2, length)}, sorted(set(shapes))
+
+
 def test_backend_scopes_are_per_thread():
     seen = {}
     inside = threading.Event()

@@ -23,6 +23,12 @@ from ..args import check_int, checked
 
 log = logging.getLogger("sdcore")
 
+# transformers' tokenizers keep padding/truncation settings on the tokenizer object while they encode, so two
+# threads tokenizing with one tokenizer can get each other's padding. Pipelines share tokenizers (from_pipe,
+# the server's txt2img and img2img), so the lock is the process's, not a pipeline's: a per-pipeline lock let
+# a txt2img and an img2img call on one model pad to the longest prompt instead of 77 tokens.
+_TOKENIZE = threading.Lock()
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -134,8 +140,6 @@ class DiffusionPipeline:
         self.scheduler_config = dict(self.scheduler.source_config)  # the model's, for set_scheduler
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.vae_source = getattr(self, "vae_source", "AutoencoderKL")  # from_pretrained names its folder
-        # transformers' tokenizers keep padding/truncation settings on the tokenizer object while they encode.
-        self._tokenizer_lock = threading.Lock()
 
     def to(self, device=None, dtype=None):
         for name in self._models:
@@ -218,7 +222,7 @@ class DiffusionPipeline:
     def _tokens(self, prompts: list[str], tok=None) -> torch.Tensor:
         """Token ids padded to the tokenizer's length (with its pad token: SDXL's second pads with "!")."""
         tok = tok or self.tokenizer
-        with self._tokenizer_lock:
+        with _TOKENIZE:
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
             full = tok(prompts, padding="longest", return_tensors="pt").input_ids
