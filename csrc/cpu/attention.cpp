@@ -21,17 +21,20 @@ namespace {
 // Query rows per task and keys per block. More rows make each block product a bigger GEMM and reuse each
 // K/V block longer; fewer keys keep the VAE's 512-wide K/V blocks in L2. Swept on a 2-core AVX-512 (Zen 4) VM
 // against SDPA, interleaved in one process: 256 rows x 512 keys for D <= 160 (64 rows, the old choice, was
-// 4-10% slower, 12% on 77-key cross-attention), 512 x 256 for D = 512 (128 x 512 was 7% slower).
-int64_t block_keys(int64_t d) { return d >= 256 ? 256 : 512; }
-// Causal rows stay at 64: a block computes every key up to its last row's, and the masked triangle grows with
-// the block (CLIP's 77 causal tokens ran 5% slower in one 256-row block). Rows shrink (to a multiple of 16)
-// when the full blocks would leave a thread without a task.
-int64_t block_rows(int64_t d, int64_t n, int64_t batch_heads, bool causal) {
-  const int64_t rows = causal ? 64 : d >= 256 ? 512 : 256;
+// 4-10% slower, 12% on 77-key cross-attention), 512 x 256 for D = 512 (128 x 512 was 7% slower). Causal rows
+// stay at 64: a block computes every key up to its last row's, and the masked triangle grows with the block
+// (CLIP's 77 causal tokens ran 5% slower in one 256-row block). Rows shrink (to a multiple of 16) when the
+// full blocks would leave a thread without a task.
+struct Blocks {
+  int64_t rows, keys;
+};
+Blocks blocks(int64_t d, int64_t n, int64_t batch_heads, bool causal) {
+  const bool wide = d >= 256;
+  const int64_t rows = causal ? 64 : wide ? 512 : 256, keys = wide ? 256 : 512;
   const int64_t threads = at::get_num_threads();
-  if (batch_heads * ((n + rows - 1) / rows) >= threads) return rows;
+  if (batch_heads * ((n + rows - 1) / rows) >= threads) return {rows, keys};
   const int64_t per_head = (threads + batch_heads - 1) / batch_heads;  // tasks each head needs
-  return std::max<int64_t>(16, ((n + per_head - 1) / per_head + 15) / 16 * 16);
+  return {std::max<int64_t>(16, ((n + per_head - 1) / per_head + 15) / 16 * 16), keys};
 }
 
 void attention_f32(const AttentionParams& p) {
@@ -45,7 +48,8 @@ void attention_f32(const AttentionParams& p) {
   // BLAS skips the product when alpha == 0 (C = beta * C), which would turn 0 * inf and 0 * NaN scores into 0;
   // the reference's scale * (q @ k^T) makes them NaN. So scale 0 multiplies the scores afterwards.
   const float alpha = p.scale != 0.0f ? p.scale : 1.0f;
-  const int64_t kBlockN = block_rows(D, N, p.batch * p.heads, p.causal), kBlockM = block_keys(D);
+  const Blocks blk = blocks(D, N, p.batch * p.heads, p.causal);
+  const int64_t kBlockN = blk.rows, kBlockM = blk.keys;
   const int64_t n_blocks = (N + kBlockN - 1) / kBlockN;
   const int64_t tasks = p.batch * p.heads * n_blocks;
 

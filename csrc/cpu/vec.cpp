@@ -252,6 +252,11 @@ BODY void step_chunk_body(const StepCoeffs& c, const float* x, const float* unco
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #define SDCORE_AVX512 __attribute__((target("arch=x86-64-v4"), always_inline)) inline
 
+// The lanes of a 16-wide step with `left` elements to go (all 16 when left >= 16).
+SDCORE_AVX512 __mmask16 lanes16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
 SDCORE_AVX512 __m512 exp_in_range16(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
                                                         _mm512_set1_ps(0.5f)),
@@ -284,7 +289,7 @@ SDCORE_AVX512 void affine_silu16(const float* x, float* y, int64_t n, const floa
                                  const float* b) {
   __m512 vc = _mm512_set1_ps(c[0]), va = _mm512_set1_ps(a[0]), vb = _mm512_set1_ps(b[0]);
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 m = lanes16(n - j);
     if constexpr (!kBroadcast) {
       vc = _mm512_maskz_loadu_ps(m, c + j);
       va = _mm512_maskz_loadu_ps(m, a + j);
@@ -303,7 +308,7 @@ __attribute__((target("arch=x86-64-v4"))) float exp_sub_sum_avx512_scalef(float*
   const __m512 vs = _mm512_set1_ps(sub), lowest = _mm512_set1_ps(-87.33654f);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __mmask16 m = lanes16(n - j);
     const __m512 t = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + j), vs);
     const __mmask16 keep = _mm512_cmp_ps_mask(t, lowest, _CMP_NLE_UQ);
     const __m512 e = _mm512_maskz_mov_ps(keep, exp_in_range16(t));
