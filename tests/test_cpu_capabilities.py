@@ -64,10 +64,20 @@ def _run(out: Path):
     x = torch.randn(1, len(SPECIAL), 3, 5)
     results["silu"] = [ops.group_norm(x.contiguous(memory_format=f), len(SPECIAL), torch.zeros(len(SPECIAL)), bias,
                                       1e-5, silu=True) for f in (torch.contiguous_format, torch.channels_last)]
+    # A dense sweep the same way: every build's SiLU (its own exp, table and reciprocal) against float64.
+    sweep = _silu_sweep()
+    results["silu_sweep"] = [ops.group_norm(torch.zeros(1, len(sweep), 1, 3).contiguous(memory_format=f), len(sweep),
+                                            torch.zeros(len(sweep)), sweep, 1e-5, silu=True)
+                             for f in (torch.contiguous_format, torch.channels_last)]
     for q, k, v, causal in attn:
         results["attn"].append(ops.attention(q, k, v, causal=causal))
     results["geglu"] = [torch.ops.sdcore.geglu(h, b) for h, b in _geglu_inputs()]
     torch.save(results, out)
+
+
+def _silu_sweep():
+    """20001 points over [-90, 90] (both clamps, -80 and 87.3, inside), and 1000 around -80."""
+    return torch.cat([torch.linspace(-90, 90, 20001), torch.linspace(-80.01, -79.99, 1000)])
 
 
 def _geglu_inputs():
@@ -135,6 +145,16 @@ def test_silu_special_values_every_build(outputs, cap):
         # The sign survives too (-0 for the far negatives), so a later multiply keeps it.
         keep = ~torch.isnan(expected)
         assert torch.equal(torch.signbit(y.double())[keep], torch.signbit(expected)[keep]), (cap, y[0, :, 0, 0])
+
+
+@pytest.mark.parametrize("cap", CAPABILITIES)
+def test_silu_sweep_every_build(outputs, cap):
+    sweep = _silu_sweep().double()
+    expected = F.silu(sweep).view(1, -1, 1, 1).expand(1, len(sweep), 1, 3)
+    for y in outputs[cap]["silu_sweep"]:
+        # Every build is within 2.0e-7 (under 3 ulp; measured), so a wrong table entry or polynomial term, or a
+        # skipped Newton step, fails rtol 5e-7. atol: the -0 below -80, as above.
+        torch.testing.assert_close(y.double(), expected, rtol=5e-7, atol=1e-30, msg=lambda m: f"{cap}: {m}")
 
 
 @pytest.mark.parametrize("cap", CAPABILITIES)

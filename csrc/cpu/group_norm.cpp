@@ -116,7 +116,8 @@ void group_norm_nhwc(const GroupNormParams& p) {
   at::parallel_for(0, p.batch * hw, 64, [&](int64_t begin, int64_t end) {
     for (int64_t px = begin; px < end;) {
       const int64_t b = px / hw, run = std::min(end, (b + 1) * hw) - px;  // rows of one image
-      affine_act_channels(x + px * C, y + px * C, run, C, &center[b * C], &scale[b * C], &shift[b * C], p.silu);
+      affine_act_channels(x + px * C, y + px * C, run, C, C, &center[b * C], &scale[b * C], &shift[b * C],
+                          p.silu);
       px += run;
     }
   });

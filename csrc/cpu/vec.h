@@ -27,9 +27,10 @@ void shifted_sums(const float* x, int64_t n, float shift, double& sum, double& s
 // `rows` consecutive rows of n elements, row i with its own center/scale/shift (NCHW channels of a group).
 void affine_act_rows(const float* x, float* y, int64_t rows, int64_t n, const float* center, const float* scale,
                      const float* shift, bool silu);
-// `pixels` contiguous channels_last rows: y[p, c] = act((x[p, c] - center[c]) * scale[c] + shift[c])
-void affine_act_channels(const float* x, float* y, int64_t pixels, int64_t channels, const float* center,
-                         const float* scale, const float* shift, bool silu);
+// `pixels` channels_last rows of `channels` values, row p at x + p * stride (and y + p * stride):
+// y[p, c] = act((x[p, c] - center[c]) * scale[c] + shift[c])
+void affine_act_channels(const float* x, float* y, int64_t pixels, int64_t channels, int64_t stride,
+                         const float* center, const float* scale, const float* shift, bool silu);
 // Per-channel sums over `pixels` rows (row p at x + p * stride) of `channels` channels_last values:
 // sum[c] += x[p,c]-shift[c], sumsq[c] += (..)^2
 void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift,
