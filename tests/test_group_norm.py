@@ -87,6 +87,22 @@ def test_large_mean_small_variance(poisoned, device, affine, channels_last, shap
     _run(shape, 32, device, torch.float32, offset=1e4, affine=affine, silu=False, channels_last=channels_last)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 16])
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+@pytest.mark.parametrize("shape,groups", [((2, 2560, 8, 8), 32), ((1, 256, 20, 20), 32), ((3, 200, 9, 7), 25)])
+def test_channels_last_small_images_every_thread_count(poisoned, threads, silu, shape, groups):
+    # On the CPU, channels_last images whose slices fit in L2 run both passes in one task per (image, run of
+    # whole groups), with fewer groups per run until every thread has a task: each thread count gives other
+    # runs (unequal ones too: 32 groups in 3 runs), 400 pixels two pixel blocks, and 16 threads the three-pass
+    # path for 1x256x20x20. The large mean checks each run's merge of its channels' sums into groups.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _run(shape, groups, "cpu", torch.float32, offset=1e4, silu=silu, channels_last=True)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_non_dense_input_gives_contiguous_output(poisoned, device):
     g = torch.Generator().manual_seed(0)

@@ -57,17 +57,82 @@ void group_norm_nchw(const GroupNormParams& p) {
   });
 }
 
-// channels_last: a group is a strided column, so the statistics of every group are complete only after a
-// whole pass; a second pass applies them. (Keeping a block of whole groups of one image in L2 for both passes
-// was tried: tasks of 80-channel columns ran 1.5-3x slower than these full-row passes, and the wider ones no
-// faster.)
+// A group's statistics from its channels' sums, each around its own shift (the channel's value at the image's
+// first pixel): moving channel c's sums to the group's shift k (its first channel's) by d = shift_c - k is exact
+// algebra in double, with no division per channel (a Welford merge per channel cost more than the whole pass at
+// 8x8 pixels).
+Welford<double> group_from_channel_sums(const float* shift, const double* cs, const double* cq, int64_t cg,
+                                        int64_t hw) {
+  const double k = shift[0];
+  double gs = 0.0, gq = 0.0;
+  for (int64_t c = 0; c < cg; ++c) {
+    const double d = static_cast<double>(shift[c]) - k;
+    gs += cs[c] + hw * d;
+    gq += cq[c] + 2.0 * d * cs[c] + hw * d * d;
+  }
+  return welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw));
+}
+
+// Per channel, float sums over at most kPixels values, then double.
+constexpr int64_t kPixels = 256;
+
+// channels_last: a group is a strided column, so its statistics are complete only after a pass over all of the
+// image's pixels, and a second pass applies them.
+//
+// Small images (the UNet's 8x8 and 16x16 levels): one task per (image, run of whole groups), both passes in the
+// task, so the second reads the slice from L2 and the op is one parallel region instead of three. A slice is at
+// most kSliceBytes, and at least kMinChannels wide so each pixel's row segment is a few cache lines (narrower,
+// strided tasks ran 1.5-3x slower than full-row passes). Returns false where that does not fit.
+bool group_norm_nhwc_slices(const GroupNormParams& p) {
+  constexpr int64_t kSliceBytes = 256 << 10, kMinChannels = 128;
+  const float* x = static_cast<const float*>(p.x);
+  float* y = static_cast<float*>(p.y);
+  const int64_t C = p.channels, G = p.groups, cg = C / G, hw = p.hw;
+  int64_t per = std::min(G, kSliceBytes / (hw * cg * static_cast<int64_t>(sizeof(float))));
+  // Enough tasks for every thread: fewer groups per task until there are.
+  const int64_t threads = at::get_num_threads();
+  while (per > 1 && p.batch * ((G + per - 1) / per) < threads) --per;
+  if (per < 1) return false;
+  const int64_t runs = (G + per - 1) / per, width = (G + runs - 1) / runs * cg;  // runs of near-equal width
+  if (width < std::min(C, kMinChannels)) return false;
+  at::parallel_for(0, p.batch * runs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(width), sumsq(width), center(width), scale(width), shift(width);
+    std::vector<double> cs(width), cq(width);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / runs, c0 = task % runs * width, nc = std::min(width, C - c0);
+      const float* xb = x + b * hw * C + c0;  // the slice's first pixel: every channel's shift
+      std::fill(cs.begin(), cs.end(), 0.0);
+      std::fill(cq.begin(), cq.end(), 0.0);
+      for (int64_t p0 = 0; p0 < hw; p0 += kPixels) {
+        std::fill(sum.begin(), sum.end(), 0.0f);
+        std::fill(sumsq.begin(), sumsq.end(), 0.0f);
+        channel_sums(xb + p0 * C, std::min(kPixels, hw - p0), nc, C, xb, sum.data(), sumsq.data());
+        for (int64_t c = 0; c < nc; ++c) {
+          cs[c] += sum[c];
+          cq[c] += sumsq[c];
+        }
+      }
+      for (int64_t i = 0; i < nc; i += cg) {
+        channel_affine(p, group_from_channel_sums(xb + i, &cs[i], &cq[i], cg, hw), c0 + i, cg, &center[i], &scale[i],
+                       &shift[i]);
+      }
+      affine_act_channels(xb, y + b * hw * C + c0, hw, nc, C, center.data(), scale.data(), shift.data(), p.silu);
+    }
+  });
+  return true;
+}
+
+// Larger images: a statistics pass, a merge into groups and an apply pass, each split over every thread.
+// (Keeping a block of whole groups of one image in L2 for both passes was tried at these sizes: tasks of
+// 80-channel columns ran 1.5-3x slower than these full-row passes, and the wider ones no faster.)
 void group_norm_nhwc(const GroupNormParams& p) {
+  if (group_norm_nhwc_slices(p)) return;
   const float* x = static_cast<const float*>(p.x);
   float* y = static_cast<float*>(p.y);
   const int64_t C = p.channels, G = p.groups, cg = C / G, hw = p.hw;
   // Statistics tasks are (image, block of pixels, chunk of channels), so a thin image still gives every
-  // thread work; per channel, float sums over at most kPixels values, then double.
-  constexpr int64_t kPixels = 256, kChunk = 256;
+  // thread work.
+  constexpr int64_t kChunk = 256;
   const int64_t blocks = (hw + kPixels - 1) / kPixels, chunks = (C + kChunk - 1) / kChunk;
   // Per-channel partial sums of each (image, pixel block), each written by exactly one task.
   std::unique_ptr<double[]> s1(new double[p.batch * blocks * C]), s2(new double[p.batch * blocks * C]);
@@ -85,29 +150,21 @@ void group_norm_nhwc(const GroupNormParams& p) {
       std::copy(sumsq, sumsq + nc, &s2[bb * C + c0]);
     }
   });
-  // A group's sums around one shift k (its first channel's): moving channel c's sums from its own shift by
-  // d = shift_c - k is exact algebra in double, with no division per channel (a Welford merge per channel
-  // cost more than the whole pass at 8x8 pixels).
   // Every image's per-channel affine, [batch, C] each, each group's channels written by exactly one task.
   std::vector<float> center(p.batch * C), scale(p.batch * C), shift(p.batch * C);
   at::parallel_for(0, p.batch * G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(cg), cq(cg);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / G, c0 = bg % G * cg;
-      const float* shift0 = x + b * hw * C;  // the image's first pixel: every channel's shift
-      const double k = shift0[c0];
-      double gs = 0.0, gq = 0.0;
-      for (int64_t c = c0; c < c0 + cg; ++c) {
-        double cs = 0.0, cq = 0.0;
+      for (int64_t c = 0; c < cg; ++c) {
+        cs[c] = cq[c] = 0.0;
         for (int64_t blk = 0; blk < blocks; ++blk) {
-          cs += s1[(b * blocks + blk) * C + c];
-          cq += s2[(b * blocks + blk) * C + c];
+          cs[c] += s1[(b * blocks + blk) * C + c0 + c];
+          cq[c] += s2[(b * blocks + blk) * C + c0 + c];
         }
-        const double d = static_cast<double>(shift0[c]) - k;
-        gs += cs + hw * d;
-        gq += cq + 2.0 * d * cs + hw * d * d;
       }
       const int64_t at = b * C + c0;
-      channel_affine(p, welford_from_shifted_sums<double>(k, gs, gq, static_cast<double>(cg * hw)), c0, cg,
+      channel_affine(p, group_from_channel_sums(x + b * hw * C + c0, cs.data(), cq.data(), cg, hw), c0, cg,
                      &center[at], &scale[at], &shift[at]);
     }
   });
