@@ -217,9 +217,13 @@ def test_internal_error_is_one_line_and_debug_shows_the_traceback(workdir, capsy
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_no_file(tmp_path):
     """A real process, interrupted while it denoises: no traceback, no image, no temporary file."""
+    # SIGINT back to its default in the child: a shell without job control starts background jobs with SIGINT
+    # ignored, the child inherits that, and Python then installs no KeyboardInterrupt handler (a test suite run
+    # as `make test &` failed here with the image written). A user's Ctrl-C always reaches a default handler.
     proc = subprocess.Popen([sys.executable, "-m", "sdcore", "generate", "a cat", "--steps", "900", "--scheduler", "euler", "--size",
                              "64x64", "--out", str(tmp_path / "x.png")], stderr=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.monotonic() + 120
     while not re.search(r"\| [1-9]\d*/900", seen):  # a step is done: it is denoising
