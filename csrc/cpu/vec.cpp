@@ -382,22 +382,6 @@ __attribute__((target("arch=x86-64-v4"))) float exp_sub_sum_avx512_scalef(float*
   return _mm512_reduce_add_ps(acc);
 }
 
-__attribute__((target("arch=x86-64-v4"))) void affine_act_rows_avx512_silu(
-    const float* x, float* y, int64_t rows, int64_t n, const float* center, const float* scale,
-    const float* shift, bool silu) {
-  if (!silu) return affine_act_rows_body(x, y, rows, n, center, scale, shift, false);
-  for (int64_t r = 0; r < rows; ++r) affine_silu16<true>(x + r * n, y + r * n, n, center + r, scale + r, shift + r);
-}
-
-__attribute__((target("arch=x86-64-v4"))) void affine_act_channels_avx512_silu(
-    const float* x, float* y, int64_t pixels, int64_t channels, int64_t stride, const float* center,
-    const float* scale, const float* shift, bool silu) {
-  if (!silu) return affine_act_channels_body(x, y, pixels, channels, stride, center, scale, shift, false);
-  for (int64_t p = 0; p < pixels; ++p) {
-    affine_silu16<false>(x + p * stride, y + p * stride, channels, center, scale, shift);
-  }
-}
-
 // affine_silu16 with 8 lanes; the tail through maskload/maskstore (inactive lanes read 0 and are not written).
 template <bool kBroadcast>
 SDCORE_AVX2 void affine_silu8(const float* x, float* y, int64_t n, const float* c, const float* a, const float* b) {
@@ -423,21 +407,26 @@ SDCORE_AVX2 void affine_silu8(const float* x, float* y, int64_t n, const float* 
   }
 }
 
-__attribute__((target("arch=x86-64-v3"))) void affine_act_rows_avx2_silu(
-    const float* x, float* y, int64_t rows, int64_t n, const float* center, const float* scale,
-    const float* shift, bool silu) {
-  if (!silu) return affine_act_rows_body(x, y, rows, n, center, scale, shift, false);
-  for (int64_t r = 0; r < rows; ++r) affine_silu8<true>(x + r * n, y + r * n, n, center + r, scale + r, shift + r);
-}
-
-__attribute__((target("arch=x86-64-v3"))) void affine_act_channels_avx2_silu(
-    const float* x, float* y, int64_t pixels, int64_t channels, int64_t stride, const float* center,
-    const float* scale, const float* shift, bool silu) {
-  if (!silu) return affine_act_channels_body(x, y, pixels, channels, stride, center, scale, shift, false);
-  for (int64_t p = 0; p < pixels; ++p) {
-    affine_silu8<false>(x + p * stride, y + p * stride, channels, center, scale, shift);
+// The rows and channels entry points of a build with a written-out SiLU loop (LOOP<kBroadcast>, above); without
+// SiLU, the build's plain body.
+#define SDCORE_SILU_ENTRIES(ISA, TARGET, LOOP)                                                                  \
+  __attribute__((target(TARGET))) void affine_act_rows_##ISA##_silu(                                          \
+      const float* x, float* y, int64_t rows, int64_t n, const float* center, const float* scale,             \
+      const float* shift, bool silu) {                                                                          \
+    if (!silu) return affine_act_rows_body(x, y, rows, n, center, scale, shift, false);                       \
+    for (int64_t r = 0; r < rows; ++r) LOOP<true>(x + r * n, y + r * n, n, center + r, scale + r, shift + r); \
+  }                                                                                                             \
+  __attribute__((target(TARGET))) void affine_act_channels_##ISA##_silu(                                      \
+      const float* x, float* y, int64_t pixels, int64_t channels, int64_t stride, const float* center,        \
+      const float* scale, const float* shift, bool silu) {                                                      \
+    if (!silu) return affine_act_channels_body(x, y, pixels, channels, stride, center, scale, shift, false);  \
+    for (int64_t p = 0; p < pixels; ++p) {                                                                      \
+      LOOP<false>(x + p * stride, y + p * stride, channels, center, scale, shift);                             \
+    }                                                                                                           \
   }
-}
+
+SDCORE_SILU_ENTRIES(avx512, "arch=x86-64-v4", affine_silu16)
+SDCORE_SILU_ENTRIES(avx2, "arch=x86-64-v3", affine_silu8)
 #endif
 
 // Every loop in three builds, picked once at load time (see kernels()): baseline x86-64, x86-64-v3
