@@ -142,6 +142,27 @@ def linear_add_cases(dev, dtype, quick):
                    reference_ok=True)
 
 
+def conv3x3_cases(dev, dtype, quick):
+    """The 3x3 convolutions of the SD 1.5 UNet (CFG batch 2, 512^2) and VAE decoder: on the CPU the kernels take
+    Winograd F(2x2, 3x3) where sdcore.ops.conv3x3 routes it (else the same F.conv2d as torch; on CUDA, always).
+    The rate counts the direct convolution's FLOPs, so above the matmul yardstick is possible."""
+    shapes = [("UNet conv_in", 2, 4, 320, 64), ("UNet 64x64", 2, 320, 320, 64), ("UNet up 64x64", 2, 640, 320, 64),
+              ("UNet 32x32", 2, 640, 640, 32), ("UNet up 32x32", 2, 960, 640, 32), ("UNet 16x16", 2, 1280, 1280, 16),
+              ("UNet 8x8", 2, 1280, 1280, 8), ("UNet up 8x8", 2, 2560, 1280, 8), ("UNet 256^2 4x4", 2, 1280, 1280, 4),
+              ("UNet conv_out", 2, 320, 4, 64), ("VAE 64x64", 1, 512, 512, 64), ("VAE 128x128", 1, 512, 512, 128),
+              ("VAE 256x256", 1, 256, 256, 256)]
+    if quick:
+        shapes = [shapes[i] for i in (1, 3, 6)]
+    else:
+        shapes.append(("VAE 512x512", 1, 128, 128, 512))
+    for name, b, cin, cout, hw in shapes:
+        x = torch.randn(b, cin, hw, hw, device=dev, dtype=dtype)
+        w = torch.randn(cout, cin, 3, 3, device=dev, dtype=dtype) * (9 * cin) ** -0.5
+        bias = torch.randn(cout, device=dev, dtype=dtype)
+        yield dict(op="conv3x3", shape=f"{name} {b}x{cin}x{hw}x{hw} -> {cout}", flops=2 * 9 * b * hw * hw * cin * cout,
+                   bytes=None, fn=lambda x=x, w=w, bias=bias: ops.conv3x3(x, w, bias), reference_ok=False)
+
+
 def step_cases(dev, dtype, quick):
     cases = [("DDIM CFG", schedulers.ddim(0.3, 0.45), 1, 64), ("Euler-a CFG", schedulers.euler_ancestral(4.0, 3.1), 1, 64),
              ("DPM++2M CFG", schedulers.dpmpp_2m(4.0, 3.1, 5.0), 1, 64), ("DPM++2M CFG", schedulers.dpmpp_2m(4.0, 3.1, 5.0), 4, 96)]
@@ -164,7 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp32 on cpu, fp16 on cuda")
     p.add_argument("--repeat", type=int, default=None, help="timed runs per case (default 5 cpu, 50 cuda)")
-    p.add_argument("--ops", default="attention,group_norm,geglu,linear_add,scheduler_step", help="comma-separated subset")
+    p.add_argument("--ops", default="attention,group_norm,geglu,linear_add,conv3x3,scheduler_step",
+                   help="comma-separated subset")
     p.add_argument("--rounds", type=int, default=None,
                    help="kernels/torch alternations per case, median of their medians (default 3 cpu, 1 cuda)")
     p.add_argument("--quick", action="store_true", help="fewer, smaller attention and GroupNorm shapes")
@@ -175,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-reference", action="store_true", help="time kernels and torch only")
     args = p.parse_args(argv)
     gens = {"attention": attention_cases, "group_norm": group_norm_cases, "geglu": geglu_cases,
-            "linear_add": linear_add_cases, "scheduler_step": step_cases}
+            "linear_add": linear_add_cases, "conv3x3": conv3x3_cases, "scheduler_step": step_cases}
     unknown = [name for name in args.ops.split(",") if name not in gens]
     if unknown:
         p.error(f"--ops: unknown op(s) {', '.join(map(repr, unknown))}; choose from {', '.join(gens)}")

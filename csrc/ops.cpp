@@ -46,6 +46,7 @@ TORCH_LIBRARY(sdcore, m) {
   m.def(
       "group_norm(Tensor x, int num_groups, Tensor? weight=None, Tensor? bias=None, float eps=1e-05, "
       "bool silu=False) -> Tensor");
+  m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("geglu(Tensor h, Tensor? bias=None) -> Tensor");
   m.def("linear_add(Tensor x, Tensor weight, Tensor? bias, Tensor residual) -> Tensor");
   m.def(

@@ -450,13 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "validate", parents=[common, device, model], help="run every op over the Stable Diffusion shapes: kernels vs reference",
-        description="Runs attention, group_norm(+SiLU) and the fused scheduler step over the shapes SD 1.x/2.x "
-                    "use, on the kernels backend, and compares with a float64 reference. float32 must agree "
+        description="Runs every op (attention, group_norm(+SiLU), the 3x3 convolution, GEGLU, linear_add and "
+                    "the fused scheduler step) over the shapes SD 1.x/2.x use, on the kernels backend, and compares with a float64 reference. float32 must agree "
                     "within 1e-5 relative; float16/bfloat16 within 2x the error of PyTorch's own ops in the "
                     "same precision. Prints a table; exit code 1 on any FAIL.")
     p.add_argument("--dtype", action="append", metavar="DTYPE",
                    help="fp32, fp16 or bf16; repeat or comma-separate (default: fp32 on cpu, all three on cuda)")
-    p.add_argument("--quick", action="store_true", help="skip the two largest VAE GroupNorm shapes")
+    p.add_argument("--quick", action="store_true", help="skip the largest VAE shapes (two GroupNorm, one conv)")
     models = p.add_argument_group(
         "component validation",
         "With --model or --arch, validate a whole model instead: the text encoder, one UNet step (CFG batch 2), "

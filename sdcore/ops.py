@@ -4,6 +4,7 @@ have fake (meta) implementations here so they trace under ``torch.compile`` and 
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from . import _backend, _ext, reference
 from .step import StepCoefficients
 
-__all__ = ["attention", "geglu", "group_norm", "linear_add", "scheduler_step", "kernels_reason"]
+__all__ = ["attention", "conv3x3", "geglu", "group_norm", "linear_add", "scheduler_step", "kernels_reason"]
 
 
 def kernels_reason(*tensors: torch.Tensor) -> str | None:
@@ -105,6 +106,53 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
         y = F.group_norm(x, num_groups, weight, bias, eps)
         return F.silu(y) if silu else y
     return reference.group_norm(x, num_groups, weight, bias, eps, silu=silu)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 3x3 convolution with stride 1 and padding 1, ``F.conv2d(x, weight, bias, padding=1)``: every 3x3
+    convolution of the SD UNet and VAE but the downsamplers'. x: [B, C, H, W]; weight: [Co, C, 3, 3];
+    bias: [Co]. The kernels backend runs float32 NCHW inputs on the CPU by Winograd's F(2x2, 3x3)
+    (``torch.ops.sdcore.conv3x3``: 2.25x fewer multiplies than a direct convolution; its RMS error against
+    float64 is 1.2-1.8x that of PyTorch's float32 convolution) where that is faster (``_winograd_serves``).
+    Everything else (CUDA, where cuDNN picks its own algorithm; channels_last; half types; thin or small
+    layers) and ``SDCORE_WINOGRAD=0`` run ``F.conv2d``, as the torch backend does."""
+    _check_tensor("conv3x3", "x", x)
+    _check_tensor("conv3x3", "weight", weight)
+    _check_tensor("conv3x3", "bias", bias, optional=True)
+    if x.dim() != 4:
+        raise ValueError(f"sdcore.conv3x3: x must be 4-D [B, C, H, W], got shape {list(x.shape)}")
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        raise ValueError(f"sdcore.conv3x3: weight must be [out_channels, {x.shape[1]}, 3, 3], got shape "
+                         f"{list(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"sdcore.conv3x3: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    backend = _pick("conv3x3", x, weight, bias)
+    if backend == "kernels" and _winograd_serves(x, weight, bias) and os.environ.get("SDCORE_WINOGRAD") != "0":
+        return torch.ops.sdcore.conv3x3(x, weight, bias)
+    if backend == "reference":
+        return reference.conv3x3(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+# Where Winograd beats oneDNN's direct convolution on the CPU (bench/ops.py --ops conv3x3, docs/PERF.md): from
+# WINOGRAD_MIN_CHANNELS input and WINOGRAD_MIN_OUT_CHANNELS output channels (thinner GEMMs lose: the 4-channel
+# conv_in, 64 channels, the 4- or 3-channel conv_out) and WINOGRAD_MIN_PIXELS output pixels (B*H*W) to
+# amortize the per-call filter transform; the layers of at least 1280x1280 filters win from 64 pixels, as
+# oneDNN reorders their 59 MB of weights on every call.
+WINOGRAD_MIN_CHANNELS = 96
+WINOGRAD_MIN_OUT_CHANNELS = 128
+WINOGRAD_MIN_PIXELS = 512
+WINOGRAD_MIN_PIXELS_WIDE = 64
+
+
+def _winograd_serves(x, weight, bias) -> bool:
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32) and x.is_contiguous()
+            and x.shape[1] >= WINOGRAD_MIN_CHANNELS and weight.shape[0] >= WINOGRAD_MIN_OUT_CHANNELS):
+        return False
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    wide = x.shape[1] * weight.shape[0] >= 1280 * 1280
+    return pixels >= (WINOGRAD_MIN_PIXELS_WIDE if wide else WINOGRAD_MIN_PIXELS)
 
 
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -231,6 +279,18 @@ if _ext.load_error() is None:
     def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, silu=False):
         _check_devices("group_norm", x=x, weight=weight, bias=bias)
         return torch.empty_like(x, memory_format=reference.memory_format_of(x))
+
+    @torch.library.register_fake("sdcore::conv3x3")
+    def _conv3x3_fake(x, weight, bias=None):
+        _check_devices("conv3x3", x=x, weight=weight, bias=bias)
+        torch._check(x.dim() == 4, lambda: f"sdcore.conv3x3: x must be 4-D [B, C, H, W], got shape {list(x.shape)}")
+        torch._check(weight.dim() == 4 and weight.shape[1] == x.shape[1] and weight.shape[2] == 3
+                     and weight.shape[3] == 3,
+                     lambda: f"sdcore.conv3x3: weight must be [out_channels, {x.shape[1]}, 3, 3], got shape "
+                             f"{list(weight.shape)}")
+        torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]),
+                     lambda: f"sdcore.conv3x3: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+        return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
 
     @torch.library.register_fake("sdcore::geglu")
     def _geglu_fake(h, bias=None):

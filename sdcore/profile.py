@@ -72,7 +72,7 @@ _ATEN = {
 }
 OP_FAMILIES = {f"aten::{name}": family for family, names in _ATEN.items() for name in names.split()}
 OP_FAMILIES.update({"sdcore::attention": "attention", "sdcore::group_norm": "group_norm",
-                    "sdcore::geglu": "elementwise", "sdcore::linear_add": "linear/matmul",
+                    "sdcore::geglu": "elementwise", "sdcore::linear_add": "linear/matmul", "sdcore::conv3x3": "conv",
                     "sdcore::scheduler_step": "scheduler", "detach": "copy/layout", "detach_": "copy/layout"})
 
 # GPU kernels (and op names the table above lacks) by pattern, first match wins, so the specific names come

@@ -76,6 +76,24 @@ def linear_add(x, weight, bias, residual):
     return out.to(x.dtype)
 
 
+def conv3x3(x, weight, bias=None):
+    """The 3x3 convolution with stride 1 and padding 1, in float32 (float64 for float64) and rounded once.
+    Written as the sum over the 9 filter taps of a channel mix of the shifted input, independent of F.conv2d.
+    """
+    dtype = _compute_dtype(x.dtype)
+    b, c, h, w = x.shape
+    padded = x.new_zeros((b, c, h + 2, w + 2), dtype=dtype)
+    padded[:, :, 1:-1, 1:-1] = x
+    weight = weight.to(dtype)
+    out = padded.new_zeros((b, weight.shape[0], h, w))
+    for dy in range(3):
+        for dx in range(3):
+            out += torch.einsum("bchw,oc->bohw", padded[:, :, dy:dy + h, dx:dx + w], weight[:, :, dy, dx])
+    if bias is not None:
+        out += bias.to(dtype)[:, None, None]
+    return out.to(x.dtype)
+
+
 def memory_format_of(x) -> torch.memory_format:
     """The layout group_norm keeps: channels_last(_3d) for such dense inputs, else contiguous (the same
     rule as prepare_group_norm in csrc/common/checks.cpp)."""

@@ -113,6 +113,22 @@ def _linear_add_case(b, n, d_in, d_out, label, *, device, gen) -> Case:
     return Case("linear_add", f"{label}: {b}x{n}x{d_in} -> {d_out} + residual", run, ref)
 
 
+def _conv3x3_case(b, cin, cout, hw, label, *, device, gen) -> Case:
+    x = torch.randn(b, cin, hw, hw, generator=gen)
+    w = torch.randn(cout, cin, 3, 3, generator=gen) * (9 * cin) ** -0.5
+    bias = torch.randn(cout, generator=gen)
+
+    def run(backend, dtype):
+        with use_backend(backend):
+            out = ops.conv3x3(x.to(device, dtype), w.to(device, dtype), bias.to(device, dtype))
+        return out.double().cpu()
+
+    def ref():
+        return reference.conv3x3(x.double(), w.double(), bias.double())
+
+    return Case("conv3x3", f"{label}: {b}x{cin}x{hw}x{hw} -> {cout}", run, ref)
+
+
 def _step_case(name, coeffs, batch, hw, guidance, *, device, gen) -> Case:
     shape = (batch, 4, hw, hw)
     mo = torch.randn((2 * batch,) + shape[1:] if guidance else shape, generator=gen)
@@ -175,6 +191,12 @@ def sd_cases(device: str, quick: bool = False, seed: int = 0) -> list[Case]:
     r = lambda *args: _linear_add_case(*args, device=device, gen=gen)  # noqa: E731
     cases += [r(2, 4096, 320, 320, "SD1 down0 to_out"), r(2, 4096, 1280, 320, "SD1 down0 FF out"),
               r(2, 256, 5120, 1280, "SD1 down2 FF out")]
+    c = lambda *args: _conv3x3_case(*args, device=device, gen=gen)  # noqa: E731
+    cases += [c(2, 4, 320, 64, "SD1 conv_in"), c(2, 320, 320, 64, "SD1 down0"), c(2, 960, 640, 32, "SD1 up1"),
+              c(2, 1280, 1280, 16, "SD1 down2"), c(2, 2560, 1280, 8, "SD1 up0"), c(2, 320, 4, 64, "SD1 conv_out"),
+              c(1, 512, 512, 64, "VAE mid")]
+    if not quick:
+        cases += [c(1, 256, 256, 256, "VAE up2")]
     s = lambda *args: _step_case(*args, device=device, gen=gen)  # noqa: E731
     a_t, a_prev = 0.3, 0.45
     cases += [

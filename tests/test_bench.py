@@ -30,7 +30,7 @@ def test_ops_bench_puts_rates_beside_yardsticks_measured_in_the_same_run(tmp_pat
 def test_ops_bench_names_an_unknown_op():
     run = _ops("--device", "cpu", "--ops", "group_norm+silu")
     assert run.returncode == 2
-    assert ("--ops: unknown op(s) 'group_norm+silu'; choose from attention, group_norm, geglu, linear_add, "
+    assert ("--ops: unknown op(s) 'group_norm+silu'; choose from attention, group_norm, geglu, linear_add, conv3x3, "
             "scheduler_step") in run.stderr
 
 

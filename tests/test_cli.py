@@ -34,7 +34,8 @@ def test_validate_passes_on_this_machine():
     lines = run.stdout.splitlines()
     assert lines[0].split()[:3] == ["op", "shape", "dtype"]
     rows = [line for line in lines if line.endswith("PASS") or line.endswith("FAIL")]
-    assert {r.split()[0] for r in rows} == {"attention", "group_norm", "geglu", "linear_add", "scheduler_step"}
+    assert {r.split()[0] for r in rows} == {"attention", "group_norm", "geglu", "linear_add", "conv3x3",
+                                            "scheduler_step"}
     assert all(r.endswith("PASS") for r in rows)
     assert lines[-1] == f"{len(rows)} passed, 0 failed"
 

@@ -195,6 +195,121 @@ BODY void channel_sums_body(const float* x, int64_t pixels, int64_t channels, in
   }
 }
 
+// Winograd F(2x2, 3x3) input transform of one tile row of one channel: d = the 4x4 patch of tile t (rows
+// rows[0..3], columns 2t-1 .. 2t+2, zero outside the image), V = B^T d B with B^T = [1 0 -1 0; 0 1 1 0;
+// 0 -1 1 0; 0 1 0 -1], V[4i+j] written to v[(4i+j) * xi_stride + t]. Rows above or below the image are the
+// caller's zero rows. s holds 4 zero-padded rows of 2 * tiles + 2 floats: the row transform is done there
+// once per column, and the column transform then reads each of its columns twice, from L1.
+BODY void winograd_input_row_body(const float* const* rows, int64_t width, int64_t tiles, float* s, float* v,
+                                  int64_t xi_stride) {
+  const int64_t padded = 2 * tiles + 2;
+  float *s0 = s, *s1 = s + padded, *s2 = s + 2 * padded, *s3 = s + 3 * padded;
+  const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+  // Padded column p holds image column p - 1; column 0 and those past the image are the zero padding.
+  s0[0] = s1[0] = s2[0] = s3[0] = 0.0f;
+  for (int64_t p = width + 1; p < padded; ++p) s0[p] = s1[p] = s2[p] = s3[p] = 0.0f;
+#pragma omp simd
+  for (int64_t c = 0; c < width; ++c) {
+    const float x0 = r0[c], x1 = r1[c], x2 = r2[c], x3 = r3[c];
+    s0[c + 1] = x0 - x2;
+    s1[c + 1] = x1 + x2;
+    s2[c + 1] = x2 - x1;
+    s3[c + 1] = x1 - x3;
+  }
+  for (int i = 0; i < 4; ++i) {
+    const float* r = s + i * padded;
+    float *v0 = v + (4 * i) * xi_stride, *v1 = v0 + xi_stride, *v2 = v1 + xi_stride, *v3 = v2 + xi_stride;
+#pragma omp simd
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float c0 = r[2 * t], c1 = r[2 * t + 1], c2 = r[2 * t + 2], c3 = r[2 * t + 3];
+      v0[t] = c0 - c2;
+      v1[t] = c1 + c2;
+      v2[t] = c2 - c1;
+      v3[t] = c1 - c3;
+    }
+  }
+}
+
+// Winograd F(2x2, 3x3) filter transform of n <= 64 consecutive 3x3 filters g (9 floats each): U = G g G^T
+// with G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1], U[4i+j] of filter k written to u[(4i+j) * plane + k]. In
+// double, rounded once. The filters go tap-major through a local copy first, so the loop vectorizes across
+// them with plain loads, and each of U's 16 planes gets one contiguous run.
+BODY void winograd_filters_body(const float* g, int64_t n, float* u, int64_t plane) {
+  constexpr int64_t kMax = 64;
+  alignas(64) float taps[9][kMax];
+  alignas(64) float out[16][kMax];
+  for (int q = 0; q < 9; ++q) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) taps[q][k] = g[9 * k + q];
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    double t[4][3];  // G g
+    for (int c = 0; c < 3; ++c) {
+      const double g0 = taps[c][k], g1 = taps[3 + c][k], g2 = taps[6 + c][k];
+      t[0][c] = g0;
+      t[1][c] = 0.5 * (g0 + g1 + g2);
+      t[2][c] = 0.5 * (g0 - g1 + g2);
+      t[3][c] = g2;
+    }
+    for (int i = 0; i < 4; ++i) {  // (G g) G^T
+      const double a = t[i][0], b = t[i][1], c = t[i][2];
+      out[4 * i + 0][k] = static_cast<float>(a);
+      out[4 * i + 1][k] = static_cast<float>(0.5 * (a + b + c));
+      out[4 * i + 2][k] = static_cast<float>(0.5 * (a - b + c));
+      out[4 * i + 3][k] = static_cast<float>(c);
+    }
+  }
+  for (int xi = 0; xi < 16; ++xi) {
+    float* dst = u + xi * plane;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[k] = out[xi][k];
+  }
+}
+
+// Winograd F(2x2, 3x3) output transform of one tile row of one output channel: M[4i+j] at
+// m[(4i+j) * xi_stride + t], Y = A^T M A + bias with A^T = [1 1 1 0; 0 1 -1 -1]; Y[a][b] goes to
+// out_a[2t + b] for the first `rows` (1 or 2) rows a and the columns below width.
+template <bool kTwoRows>
+__attribute__((always_inline)) inline void winograd_output_tiles(const float* m, int64_t xi_stride, int64_t t0,
+                                                                 int64_t t1, float bias, float* out0, float* out1) {
+#pragma omp simd
+  for (int64_t t = t0; t < t1; ++t) {
+    float z0[4], z1[4];
+    for (int i = 0; i < 4; ++i) {
+      const float* mi = m + (4 * i) * xi_stride + t;
+      const float q0 = mi[0], q1 = mi[xi_stride], q2 = mi[2 * xi_stride], q3 = mi[3 * xi_stride];
+      z0[i] = q0 + q1 + q2;
+      z1[i] = q1 - q2 - q3;
+    }
+    out0[2 * t] = z0[0] + z0[1] + z0[2] + bias;
+    out0[2 * t + 1] = z1[0] + z1[1] + z1[2] + bias;
+    if (kTwoRows) {
+      out1[2 * t] = z0[1] - z0[2] - z0[3] + bias;
+      out1[2 * t + 1] = z1[1] - z1[2] - z1[3] + bias;
+    }
+  }
+}
+
+BODY void winograd_output_row_body(const float* m, int64_t xi_stride, int64_t tiles, int64_t width, float bias,
+                                   float* out0, float* out1) {
+  const int64_t full = width / 2;  // tiles whose two columns are both inside the image
+  if (out1 != nullptr) {
+    winograd_output_tiles<true>(m, xi_stride, 0, full, bias, out0, out1);
+  } else {
+    winograd_output_tiles<false>(m, xi_stride, 0, full, bias, out0, out1);
+  }
+  if (full < tiles) {  // an odd width: the last tile's first column only
+    float z0[4];
+    for (int i = 0; i < 4; ++i) {
+      const float* mi = m + (4 * i) * xi_stride + full;
+      z0[i] = mi[0] + mi[xi_stride] + mi[2 * xi_stride];
+    }
+    out0[2 * full] = z0[0] + z0[1] + z0[2] + bias;
+    if (out1 != nullptr) out1[2 * full] = z0[1] - z0[2] - z0[3] + bias;
+  }
+}
+
 BODY void geglu_row_body(const float* h, const float* bias, float* out, int64_t f) {
   const float* gate = h + f;
   if (bias != nullptr) {
@@ -459,6 +574,14 @@ SDCORE_VARIANTS(void, channel_sums,
                 (const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift, float* sum,
                  float* sumsq),
                 (x, pixels, channels, stride, shift, sum, sumsq))
+SDCORE_VARIANTS(void, winograd_input_row,
+                (const float* const* rows, int64_t width, int64_t tiles, float* s, float* v, int64_t xi_stride),
+                (rows, width, tiles, s, v, xi_stride))
+SDCORE_VARIANTS(void, winograd_filters, (const float* g, int64_t n, float* u, int64_t plane), (g, n, u, plane))
+SDCORE_VARIANTS(void, winograd_output_row,
+                (const float* m, int64_t xi_stride, int64_t tiles, int64_t width, float bias, float* out0,
+                 float* out1),
+                (m, xi_stride, tiles, width, bias, out0, out1))
 SDCORE_VARIANTS(void, geglu_row, (const float* h, const float* bias, float* out, int64_t f), (h, bias, out, f))
 SDCORE_VARIANTS(void, step_chunk,
                 (const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,
@@ -475,13 +598,17 @@ struct Kernels {
   decltype(&affine_act_rows_default) affine_act_rows;
   decltype(&affine_act_channels_default) affine_act_channels;
   decltype(&channel_sums_default) channel_sums;
+  decltype(&winograd_input_row_default) winograd_input_row;
+  decltype(&winograd_filters_default) winograd_filters;
+  decltype(&winograd_output_row_default) winograd_output_row;
   decltype(&geglu_row_default) geglu_row;
   decltype(&step_chunk_default) step_chunk;
 };
 
 #define SDCORE_KERNELS(ISA) \
   {#ISA, row_max_##ISA, exp_sub_sum_##ISA, scale_row_##ISA, all_finite_##ISA, shifted_sums_##ISA, \
-   affine_act_rows_##ISA, affine_act_channels_##ISA, channel_sums_##ISA, geglu_row_##ISA, \
+   affine_act_rows_##ISA, affine_act_channels_##ISA, channel_sums_##ISA, winograd_input_row_##ISA, \
+   winograd_filters_##ISA, winograd_output_row_##ISA, geglu_row_##ISA, \
    step_chunk_##ISA}
 
 // The best build this CPU runs, capped by SDCORE_CPU_CAPABILITY (default | avx2 | avx512, like ATen's
@@ -541,6 +668,15 @@ void affine_act_channels(const float* x, float* y, int64_t pixels, int64_t chann
 void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift,
                   float* sum, float* sumsq) {
   kernels().channel_sums(x, pixels, channels, stride, shift, sum, sumsq);
+}
+void winograd_input_row(const float* const* rows, int64_t width, int64_t tiles, float* s, float* v,
+                        int64_t xi_stride) {
+  kernels().winograd_input_row(rows, width, tiles, s, v, xi_stride);
+}
+void winograd_filters(const float* g, int64_t n, float* u, int64_t plane) { kernels().winograd_filters(g, n, u, plane); }
+void winograd_output_row(const float* m, int64_t xi_stride, int64_t tiles, int64_t width, float bias, float* out0,
+                         float* out1) {
+  kernels().winograd_output_row(m, xi_stride, tiles, width, bias, out0, out1);
 }
 void geglu_row(const float* h, const float* bias, float* out, int64_t f) { kernels().geglu_row(h, bias, out, f); }
 void step_chunk(const StepCoeffs& c, const float* x, const float* uncond, const float* cond, float guidance,

@@ -35,6 +35,16 @@ void affine_act_channels(const float* x, float* y, int64_t pixels, int64_t chann
 // sum[c] += x[p,c]-shift[c], sumsq[c] += (..)^2
 void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stride, const float* shift,
                   float* sum, float* sumsq);
+// Winograd F(2x2, 3x3) transforms of one tile row (see csrc/cpu/conv3x3.cpp): the input transform of 4 image rows
+// (zero rows outside the image) into v[xi * xi_stride + t], xi < 16, t < tiles, with s a scratch of
+// 4 * (2 * tiles + 2) floats; and the output transform of m[xi * xi_stride + t] plus bias into one or two
+// output rows (out1 null past the image's last row) of `width` columns.
+void winograd_input_row(const float* const* rows, int64_t width, int64_t tiles, float* s, float* v,
+                        int64_t xi_stride);
+// U = G g G^T of n <= 64 consecutive 3x3 filters g into u[xi * plane + k] (xi < 16, k < n)
+void winograd_filters(const float* g, int64_t n, float* u, int64_t plane);
+void winograd_output_row(const float* m, int64_t xi_stride, int64_t tiles, int64_t width, float bias, float* out0,
+                         float* out1);
 // One GEGLU row (see GegluParams): out[j] = (h[j] + bias[j]) * gelu(h[f + j] + bias[f + j]), j < f; bias may be null
 void geglu_row(const float* h, const float* bias, float* out, int64_t f);
 // A denoising step over n elements (see StepCoeffs); cond is null without guidance (uncond is then the model

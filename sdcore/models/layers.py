@@ -21,6 +21,17 @@ class GroupNorm(nn.GroupNorm):
         return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
 
 
+class Conv3x3(nn.Conv2d):
+    """nn.Conv2d(cin, cout, 3, padding=1) (same parameter names) through sdcore.ops.conv3x3: on the CPU the
+    kernels backend runs it by Winograd's F(2x2, 3x3)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 3, padding=1)
+
+    def forward(self, x):
+        return ops.conv3x3(x, self.weight, self.bias)
+
+
 class ResnetBlock(nn.Module):
     """norm-SiLU-conv twice, plus a (1x1-projected) skip: diffusers' ResnetBlock2D. With ``temb_channels`` (the
     UNet) a projection of SiLU(time embedding) is added per channel after the first conv, which is how every
@@ -29,10 +40,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int, eps: float, temb_channels: int | None = None):
         super().__init__()
         self.norm1 = GroupNorm(groups, cin, eps, silu=True)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv3x3(cin, cout)
         self.time_emb_proj = nn.Linear(temb_channels, cout) if temb_channels is not None else None
         self.norm2 = GroupNorm(groups, cout, eps, silu=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv2 = Conv3x3(cout, cout)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, temb: torch.Tensor | None = None):
@@ -85,7 +96,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def forward(self, x, size: tuple[int, int] | None = None):
         if size is None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import loading
-from .layers import GroupNorm
+from .layers import Conv3x3, GroupNorm
 from .unet_blocks import DownBlock, MidBlock, UpBlock
 
 DEFAULTS = dict(sample_size=None, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
@@ -122,7 +122,7 @@ class UNet2DConditionModel(loading.Pretrained, nn.Module):
             return dict(heads=heads[i], context_dim=context[i], depth=depth[i], linear=cfg.use_linear_projection,
                         upcast=cfg.upcast_attention)
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv3x3(cfg.in_channels, ch[0])
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + sinusoids of the time ids
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb)
@@ -141,7 +141,7 @@ class UNet2DConditionModel(loading.Pretrained, nn.Module):
             self.up_blocks.append(UpBlock(ch[min(i + 1, n - 1)], ch[i], skips, temb, groups, eps,
                                           transformer(i) if UP_BLOCKS[kind] else None, upsample=i > 0))
         self.conv_norm_out = GroupNorm(groups, ch[0], eps, silu=True)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv3x3(ch[0], cfg.out_channels)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict | None = None) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import loading
-from .layers import Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Upsample
+from .layers import Conv3x3, Downsample, GroupNorm, ResnetBlock, SpatialSelfAttention, Upsample
 from .vae_tiling import OVERLAP_FACTOR, tiled
 
 # diffusers' AutoencoderKL config keys and defaults. force_upcast (SDXL's VAE overflows in fp16, so its config
@@ -54,12 +54,12 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         ch, g, n = list(cfg["block_out_channels"]), cfg["norm_num_groups"], cfg["layers_per_block"]
-        self.conv_in = nn.Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
+        self.conv_in = Conv3x3(cfg["in_channels"], ch[0])
         self.down_blocks = nn.ModuleList(
             [_Stage(ch[max(i - 1, 0)], ch[i], n, g, "down" if i < len(ch) - 1 else None) for i in range(len(ch))])
         self.mid_block = _MidBlock(ch[-1], g, cfg["mid_block_add_attention"])
         self.conv_norm_out = GroupNorm(g, ch[-1], EPS, silu=True)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg["latent_channels"], 3, padding=1)
+        self.conv_out = Conv3x3(ch[-1], 2 * cfg["latent_channels"])
 
     def forward(self, x):
         x = self.conv_in(x)
@@ -72,12 +72,12 @@ class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         ch, g, n = list(reversed(cfg["block_out_channels"])), cfg["norm_num_groups"], cfg["layers_per_block"]
-        self.conv_in = nn.Conv2d(cfg["latent_channels"], ch[0], 3, padding=1)
+        self.conv_in = Conv3x3(cfg["latent_channels"], ch[0])
         self.mid_block = _MidBlock(ch[0], g, cfg["mid_block_add_attention"])
         self.up_blocks = nn.ModuleList(
             [_Stage(ch[max(i - 1, 0)], ch[i], n + 1, g, "up" if i < len(ch) - 1 else None) for i in range(len(ch))])
         self.conv_norm_out = GroupNorm(g, ch[-1], EPS, silu=True)
-        self.conv_out = nn.Conv2d(ch[-1], cfg["out_channels"], 3, padding=1)
+        self.conv_out = Conv3x3(ch[-1], cfg["out_channels"])
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
