@@ -186,3 +186,16 @@ def test_winograd_switch_off(monkeypatch):
         assert _conv_ops(lambda: ops.conv3x3(x, weight, bias)) == (0, 1)
         torch.testing.assert_close(ops.conv3x3(x, weight, bias), F.conv2d(x, weight, bias, padding=1), rtol=0,
                                    atol=0)
+
+
+def test_traces_under_torch_compile():
+    """The routing (shapes, dtype, SDCORE_WINOGRAD) traces under torch.compile(fullgraph=True) and the op runs
+    through its fake kernel to the same values as eager."""
+    torch._dynamo.reset()
+    block = ResnetBlock(128, 128, 32, 1e-5).eval()
+    x = torch.randn(1, 128, 32, 32)
+    with torch.no_grad(), sdcore.use_backend("kernels"):
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), eager)
+        assert _conv_ops(lambda: compiled(x))[0] == 2
