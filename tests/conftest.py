@@ -1,5 +1,6 @@
 
 import os
+import threading
 
 import pytest
 import torch
@@ -96,3 +97,22 @@ def check_special(kernel_out, torch_out, ref, dtype, scale: float = 0.0):
     both = finite & torch.isfinite(torch_out)
     yardstick = torch_out.where(both, ref)  # elements torch got non-finite don't count towards its error
     return check_precision(out[finite], yardstick[finite], ref[finite], dtype, scale)
+
+
+def run_in_threads(worker, count: int) -> list[BaseException]:
+    """Runs worker(0) .. worker(count - 1) in threads at once, and returns what they raised, for the main
+    thread to report (an exception in a thread alone would only be printed)."""
+    errors = []
+
+    def guarded(i):
+        try:
+            worker(i)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -1,8 +1,6 @@
 """conv3x3 (the 3x3, stride 1, padding 1 convolution; on the CPU the kernels backend's Winograd F(2x2, 3x3)):
 the op against float64 math, its chunks, threads, concurrent callers, special values and errors, and which
 convolutions of the models take it."""
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ import sdcore
 from sdcore import ops, reference
 from sdcore.models.layers import ResnetBlock
 
-from conftest import check_precision
+from conftest import check_precision, run_in_threads
 
 pytestmark = pytest.mark.skipif(sdcore._ext.load_error() is not None, reason="the sdcore extension is not built")
 
@@ -83,21 +81,14 @@ def test_concurrent_callers_get_their_own_workspace():
     hands each call its own buffer)."""
     cases = [_inputs(10 + i, 1, 96 + 32 * i, 64, 24 + 8 * i, 40) for i in range(4)]
     expected = [torch.ops.sdcore.conv3x3(*c) for c in cases]
-    results, errors = {}, []
+    results = {}
 
     def work(i):
-        try:
-            for _ in range(3):
-                results[i] = torch.ops.sdcore.conv3x3(*cases[i])
-                assert torch.equal(results[i], expected[i])
-        except BaseException as e:  # reported by the main thread
-            errors.append(e)
+        for _ in range(3):
+            results[i] = torch.ops.sdcore.conv3x3(*cases[i])
+            assert torch.equal(results[i], expected[i])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work, len(cases))
     assert not errors, errors
     for i, c in enumerate(cases):
         check_precision(results[i], None, reference.conv3x3(*(t.double() for t in c)), torch.float32)

@@ -12,6 +12,8 @@ import sdcore
 from sdcore import embedded
 from sdcore.pipelines import NonFiniteError, StableDiffusionImg2ImgPipeline
 
+from conftest import run_in_threads
+
 FAST = dict(num_inference_steps=2, height=64, width=64, progress=False, output_type="np")
 
 
@@ -173,21 +175,14 @@ def test_one_pipeline_from_many_threads_gives_each_call_its_sequential_result(pi
 
     jobs = list(range(12))
     sequential = {k: job(k) for k in jobs}
-    results, errors = {}, []
+    results = {}
 
-    def worker(mine):
-        try:
-            with sdcore.use_backend("kernels"):
-                for k in mine:
-                    results[k] = job(k)
-        except Exception as exc:  # noqa: BLE001 — reported by the main thread
-            errors.append(exc)
+    def worker(i):
+        with sdcore.use_backend("kernels"):
+            for k in jobs[i::4]:
+                results[k] = job(k)
 
-    threads = [threading.Thread(target=worker, args=(jobs[i::4],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(worker, 4)
     assert not errors, errors
     for k in jobs:
         np.testing.assert_array_equal(results[k], sequential[k], err_msg=f"call {k} differs under threads")
@@ -199,20 +194,13 @@ def test_pipelines_sharing_a_tokenizer_tokenize_from_many_threads(pipe):
     ids in ~2400 here) instead of 77, and the text encoder's batch then failed to concatenate."""
     pipes = (pipe, StableDiffusionImg2ImgPipeline.from_pipe(pipe))
     length = pipe.tokenizer.model_max_length
-    shapes, errors = [], []
+    shapes = []
 
     def worker(i):
-        try:
-            for k in range(300):
-                shapes.append(tuple(pipes[i % 2]._tokens([f"prompt {i} {k}", "a longer prompt " * (k % 5)]).shape))
-        except Exception as exc:  # noqa: BLE001 — reported by the main thread
-            errors.append(exc)
+        for k in range(300):
+            shapes.append(tuple(pipes[i % 2]._tokens([f"prompt {i} {k}", "a longer prompt " * (k % 5)]).shape))
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(worker, 8)
     assert not errors, errors
     assert len(shapes) == 8 * 300
     assert set(shapes) == {(2, length)}, sorted(set(shapes))
