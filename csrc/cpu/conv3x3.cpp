@@ -45,6 +45,7 @@ void transform_filters(const float* w, int64_t co_count, int64_t ci_count, float
                          u + co * ci_count + ci0, plane);
       }
     }
+    store_fence();  // before the pool's barrier lets the GEMMs read U
   });
 }
 

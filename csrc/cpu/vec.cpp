@@ -260,16 +260,22 @@ BODY void winograd_filters_body(const float* g, int64_t n, float* u, int64_t pla
       out[4 * i + 3][k] = static_cast<float>(c);
     }
   }
+  // U goes to memory (it is larger than the cache for the wide layers) and is next read by the GEMMs: streaming
+  // stores skip reading each line before writing it. The caller fences (store_fence) before the GEMMs.
   for (int xi = 0; xi < 16; ++xi) {
     float* dst = u + xi * plane;
-#pragma omp simd
-    for (int64_t k = 0; k < n; ++k) dst[k] = out[xi][k];
+    int64_t k = 0;
+#ifdef SDCORE_X86_VARIANTS
+    for (; k < n && (reinterpret_cast<uintptr_t>(dst + k) & 15) != 0; ++k) dst[k] = out[xi][k];
+    for (; k + 4 <= n; k += 4) _mm_stream_ps(dst + k, _mm_loadu_ps(&out[xi][k]));
+#endif
+    for (; k < n; ++k) dst[k] = out[xi][k];
   }
 }
 
 // Winograd F(2x2, 3x3) output transform of one tile row of one output channel: M[4i+j] at
 // m[(4i+j) * xi_stride + t], Y = A^T M A + bias with A^T = [1 1 1 0; 0 1 -1 -1]; Y[a][b] goes to
-// out_a[2t + b] for the first `rows` (1 or 2) rows a and the columns below width.
+// out_a[2t + b] (row 1 only when kTwoRows: the image's last row may be row 0 of a tile).
 template <bool kTwoRows>
 __attribute__((always_inline)) inline void winograd_output_tiles(const float* m, int64_t xi_stride, int64_t t0,
                                                                  int64_t t1, float bias, float* out0, float* out1) {
@@ -647,6 +653,12 @@ const Kernels& kernels() {
 }  // namespace
 
 const char* capability() { return kernels().name; }
+
+void store_fence() {
+#ifdef SDCORE_X86_VARIANTS
+  _mm_sfence();
+#endif
+}
 
 float row_max(const float* x, int64_t n) { return kernels().row_max(x, n); }
 float exp_sub_sum(float* x, int64_t n, float sub) { return kernels().exp_sub_sum(x, n, sub); }
