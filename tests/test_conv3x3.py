@@ -8,7 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import sdcore
 from sdcore import ops, reference
-from sdcore.models.layers import ResnetBlock
+from sdcore.models.layers import Conv3x3, ResnetBlock
 
 from conftest import check_precision, run_in_threads
 
@@ -190,3 +190,16 @@ def test_traces_under_torch_compile():
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
         assert torch.equal(compiled(x), eager)
         assert _conv_ops(lambda: compiled(x))[0] == 2
+
+
+def test_module_off_the_cpu_is_nn_conv2d(monkeypatch):
+    """Off the CPU, Conv3x3 is nn.Conv2d's forward and never enters sdcore.ops.conv3x3 (its checks and routing
+    would be host time a launch-bound GPU step pays per convolution); the meta device stands in for a GPU."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("ops.conv3x3 called for a meta tensor")
+
+    monkeypatch.setattr(ops, "conv3x3", refuse)
+    conv = Conv3x3(8, 16).to("meta")
+    assert conv(torch.empty(2, 8, 5, 7, device="meta")).shape == (2, 16, 5, 7)
+    with pytest.raises(AssertionError, match="ops.conv3x3 called"):
+        Conv3x3(8, 16)(torch.randn(1, 8, 4, 4))  # the CPU path does go through it
