@@ -216,6 +216,27 @@ GegluCall prepare_geglu(const at::Tensor& h_in, const std::optional<at::Tensor>&
   return c;
 }
 
+Conv3x3Call prepare_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sdcore.conv3x3";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [B, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, op, ": x must be float32 on the CPU, got ", x.scalar_type());
+  check_same(x, "x", weight, "weight", op);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 3 && weight.size(3) == 3, op,
+              ": weight must be [out_channels, ", x.size(1), ", 3, 3], got shape ", weight.sizes());
+  const int64_t co = weight.size(0);
+  Conv3x3Call c;
+  if (bias.has_value() && bias->defined()) {
+    check_same(x, "x", *bias, "bias", op);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == co, op, ": bias must have shape [", co, "], got ",
+                bias->sizes());
+    c.bias = bias->contiguous();
+  }
+  c.x = x.contiguous();
+  c.weight = weight.contiguous();
+  c.out = at::empty({x.size(0), co, x.size(2), x.size(3)}, x.options());
+  return c;
+}
+
 LinearAddCall prepare_linear_add(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                  const at::Tensor& residual) {
   constexpr const char* op = "sdcore.linear_add";

@@ -35,6 +35,12 @@ struct LinearAddCall {
   int64_t m = 0, n = 0, k = 0;
 };
 
+// A 3x3, stride-1, padding-1 convolution: x [B, C, H, W] and weight [Co, C, 3, 3] contiguous (copies where they
+// are not), bias [Co] or undefined; out the dense [B, Co, H, W] result. float32 only: the one CPU kernel.
+struct Conv3x3Call {
+  at::Tensor x, weight, bias, out;
+};
+
 struct StepCall {
   at::Tensor model_output, sample, noise, out, state;
   std::vector<at::Tensor> history;
@@ -59,6 +65,8 @@ void mark_unseen_nonfinite_v(const AttentionCall& c);
 
 GroupNormCall prepare_group_norm(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias, double eps, bool silu);
+
+Conv3x3Call prepare_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 GegluCall prepare_geglu(const at::Tensor& h, const std::optional<at::Tensor>& bias);
 

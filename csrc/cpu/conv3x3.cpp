@@ -24,14 +24,13 @@
 #include <mutex>
 #include <vector>
 
+#include "../common/checks.h"
 #include "blas.h"
 #include "vec.h"
 
 namespace sdcore {
 namespace cpu {
 namespace {
-
-constexpr const char* kOp = "sdcore.conv3x3";
 
 // U[xi][co][ci] for every filter (winograd_filters, per block of input channels), in tasks over output channels.
 void transform_filters(const float* w, int64_t co_count, int64_t ci_count, float* u) {
@@ -112,37 +111,15 @@ class Workspace {
 constexpr int64_t kChunkBytes = int64_t{16} << 20;
 constexpr int64_t kMinChunkTiles = 512;
 
-at::Tensor conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
-  TORCH_CHECK(x_in.dim() == 4, kOp, ": x must be 4-D [B, C, H, W], got shape ", x_in.sizes());
-  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, kOp, ": x must be float32 on the CPU, got ",
-                   x_in.scalar_type());
-  TORCH_CHECK(weight_in.dim() == 4 && weight_in.size(1) == x_in.size(1) && weight_in.size(2) == 3 &&
-                  weight_in.size(3) == 3,
-              kOp, ": weight must be [out_channels, ", x_in.size(1), ", 3, 3], got shape ", weight_in.sizes());
-  TORCH_CHECK_TYPE(weight_in.scalar_type() == at::kFloat, kOp, ": weight has dtype ", weight_in.scalar_type(),
-                   " but x is float32");
-  TORCH_CHECK(weight_in.device() == x_in.device(), kOp, ": weight is on ", weight_in.device(), " but x is on ",
-              x_in.device());
-  const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), Co = weight_in.size(0);
-  at::Tensor bias;
-  if (bias_in.has_value() && bias_in->defined()) {
-    bias = *bias_in;
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == Co, kOp, ": bias must have shape [", Co, "], got ",
-                bias.sizes());
-    TORCH_CHECK_TYPE(bias.scalar_type() == at::kFloat, kOp, ": bias has dtype ", bias.scalar_type(),
-                     " but x is float32");
-    TORCH_CHECK(bias.device() == x_in.device(), kOp, ": bias is on ", bias.device(), " but x is on ",
-                x_in.device());
-    bias = bias.contiguous();
-  }
-  at::Tensor out = at::empty({B, Co, H, W}, x_in.options());
+at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  Conv3x3Call c = prepare_conv3x3(x, weight, bias);
+  at::Tensor& out = c.out;
+  const int64_t B = c.x.size(0), C = c.x.size(1), H = c.x.size(2), W = c.x.size(3), Co = c.weight.size(0);
   if (out.numel() == 0) return out;
-  if (C == 0) return bias.defined() ? out.copy_(bias.view({1, Co, 1, 1}).expand_as(out)) : out.zero_();
+  if (C == 0) return c.bias.defined() ? out.copy_(c.bias.view({1, Co, 1, 1}).expand_as(out)) : out.zero_();
 
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const float* xp = x.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const float* xp = c.x.data_ptr<float>();
+  const float* bp = c.bias.defined() ? c.bias.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
 
   const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, rows_total = B * th;
@@ -157,7 +134,7 @@ at::Tensor conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, cons
   float* up = ws.data();
   float* vp = up + 16 * Co * C;
   float* mp = vp + 16 * C * max_tiles;
-  transform_filters(weight.data_ptr<float>(), Co, C, up);
+  transform_filters(c.weight.data_ptr<float>(), Co, C, up);
   const std::vector<float> zeros(W, 0.0f);
 
   // Output-channel blocks per xi so that the GEMM tasks outnumber the threads at least twice.
