@@ -60,11 +60,14 @@ def test_error_within_twice_torch(shape):
     check_precision(out, None, ref, torch.float32)
 
 
+@pytest.mark.parametrize("shape", [(2, 192, 160, 37, 1100), (2, 96, 200, 7, 9)], ids=["streamed", "fused"])
 @pytest.mark.parametrize("threads", [1, 2, 3, 16])
-def test_chunks_and_threads(threads):
-    """38 tile rows over two images at 4 rows per chunk: chunks that straddle the images, an odd last one; the
-    GEMMs split by output channel blocks at 16 threads."""
-    x, weight, bias = _inputs(2, 2, 192, 160, 37, 1100)
+def test_chunks_and_threads(threads, shape):
+    """streamed: 38 tile rows over two images at 4 rows per chunk: chunks that straddle the images, an odd last
+    one; the GEMMs split by output channel blocks at 16 threads. fused: 40 tiles, so each task transforms its
+    block of output channels' filters into its thread's buffer: blocks of 32 channels (the last one of 8) at up
+    to 3 threads, of 8 at 16 threads."""
+    x, weight, bias = _inputs(2, *shape)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -78,8 +81,10 @@ def test_chunks_and_threads(threads):
 
 def test_concurrent_callers_get_their_own_workspace():
     """Calls from several threads at once, of different sizes, each get the right result (the workspace pool
-    hands each call its own buffer)."""
-    cases = [_inputs(10 + i, 1, 96 + 32 * i, 64, 24 + 8 * i, 40) for i in range(4)]
+    hands each call its own buffer): two with U streamed, two with few enough tiles for the fused path, where
+    each of a call's threads has its own part of the buffer."""
+    cases = [_inputs(10 + i, 1, 96 + 32 * i, 64, 24 + 8 * i, 40) for i in range(2)]
+    cases += [_inputs(12 + i, 2, 96 + 32 * i, 72, 6 + 4 * i, 10) for i in range(2)]
     expected = [torch.ops.sdcore.conv3x3(*c) for c in cases]
     results = {}
 

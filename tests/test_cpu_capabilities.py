@@ -72,7 +72,18 @@ def _run(out: Path):
     for q, k, v, causal in attn:
         results["attn"].append(ops.attention(q, k, v, causal=causal))
     results["geglu"] = [torch.ops.sdcore.geglu(h, b) for h, b in _geglu_inputs()]
+    results["conv3x3"] = [torch.ops.sdcore.conv3x3(*c) for c in _conv3x3_inputs()]
     torch.save(results, out)
+
+
+def _conv3x3_inputs():
+    """Winograd convolutions whose filter transforms take every path of every build: input channels off the
+    16-filter vector and past the 64-filter block; U streamed (with and without whole-line stores, which need
+    channels in 16s) and fused (few tiles)."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [(1, 5, 3, 7, 9), (2, 80, 24, 6, 10), (1, 37, 20, 40, 40), (1, 96, 32, 34, 34)]
+    return [(torch.randn(b, c, h, w, generator=g), torch.randn(co, c, 3, 3, generator=g) / (9 * c) ** 0.5,
+             torch.randn(co, generator=g)) for b, c, co, h, w in shapes]
 
 
 def _silu_sweep():
@@ -176,6 +187,17 @@ def test_geglu_every_build(outputs, cap):
         atol = 1e-6 * float(ref[ref.isfinite()].abs().max())
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=atol, equal_nan=True,
                                    msg=lambda m: f"{cap} h{tuple(h.shape)}: {m}")
+
+
+@pytest.mark.parametrize("cap", CAPABILITIES)
+def test_conv3x3_every_build(outputs, cap):
+    baseline = outputs["default"]["conv3x3"]
+    for (x, w, b), y, y_default in zip(_conv3x3_inputs(), outputs[cap]["conv3x3"], baseline, strict=True):
+        ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{cap} {tuple(x.shape)}: {m}")
+        # The transforms are the same float and double operations in the same order in every build (the AVX-512
+        # filter transform is written by hand), and MKL does the GEMMs: the builds agree bit for bit.
+        assert torch.equal(y, y_default), f"{cap} {tuple(x.shape)}: differs from the default build"
 
 
 def test_info_names_the_build():

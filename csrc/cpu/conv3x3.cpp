@@ -14,8 +14,10 @@
 //
 // Work goes in chunks of whole tile rows, sized so the transformed input V [16][C][T] and the GEMM results
 // M [16][Co][T] of a chunk stay near the L3 cache: per chunk, the input transform (tasks over channel x row),
-// the 16 GEMMs (tasks over xi x output-channel block, each a one-thread MKL call), and the output transform
-// (tasks over output channel x row) with the bias.
+// the 16 GEMMs (each a one-thread MKL call), and the output transform (tasks over output channel x row) with the
+// bias. The GEMMs read U one of two ways: transformed up front for every filter and streamed from memory (tasks
+// over xi x output-channel block), or, with few tiles, transformed per block of output channels in the task that
+// runs that block's 16 GEMMs, so it stays in cache (kFusedMaxTiles).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,20 +34,17 @@ namespace sdcore {
 namespace cpu {
 namespace {
 
-// U[xi][co][ci] for every filter (winograd_filters, per block of input channels), in tasks over output channels.
-void transform_filters(const float* w, int64_t co_count, int64_t ci_count, float* u) {
+// U[xi][co - co_begin][ci] (xi's plane `plane` floats apart) for the filters of output channels [co_begin, co_end),
+// by winograd_filters per block of input channels.
+void transform_filters(const float* w, int64_t co_begin, int64_t co_end, int64_t ci_count, float* u, int64_t plane,
+                       bool streaming) {
   constexpr int64_t kBlock = 64;
-  const int64_t plane = co_count * ci_count;
-  at::parallel_for(0, co_count, std::max<int64_t>(1, 4096 / std::max<int64_t>(ci_count, 1)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t co = begin; co < end; ++co) {
-      for (int64_t ci0 = 0; ci0 < ci_count; ci0 += kBlock) {
-        winograd_filters(w + (co * ci_count + ci0) * 9, std::min(kBlock, ci_count - ci0),
-                         u + co * ci_count + ci0, plane);
-      }
+  for (int64_t co = co_begin; co < co_end; ++co) {
+    for (int64_t ci0 = 0; ci0 < ci_count; ci0 += kBlock) {
+      winograd_filters(w + (co * ci_count + ci0) * 9, std::min(kBlock, ci_count - ci0),
+                       u + (co - co_begin) * ci_count + ci0, plane, streaming);
     }
-    store_fence();  // before the pool's barrier lets the GEMMs read U
-  });
+  }
 }
 
 // U, V and M live in one buffer that is kept between calls: allocated afresh, the 100+ MB of a 1280-channel
@@ -55,6 +54,7 @@ void transform_filters(const float* w, int64_t co_count, int64_t ci_count, float
 class Workspace {
  public:
   explicit Workspace(int64_t floats) {
+    floats += kAlign;  // room to align data()
     {
       std::lock_guard<std::mutex> lock(mutex());
       auto& idle = pool();
@@ -81,9 +81,13 @@ class Workspace {
   }
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
-  float* data() { return buffer_.data(); }
+  // 64-byte aligned, so U's planes take whole-line streaming stores.
+  float* data() {
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer_.data()) + 63) & ~uintptr_t{63});
+  }
 
  private:
+  static constexpr int64_t kAlign = 64 / sizeof(float);
   // Default-initialized floats: resize leaves them unwritten (every use writes before it reads).
   struct NoInit {
     float value;
@@ -110,6 +114,10 @@ class Workspace {
 // 32 MiB, 256 and 1024 tiles measured the same within this VM's noise).
 constexpr int64_t kChunkBytes = int64_t{16} << 20;
 constexpr int64_t kMinChunkTiles = 512;
+// The most tiles the fused path below takes: measured against the streamed one (bench/ops.py --ops conv3x3 and
+// A/B runs), it wins up to 64 tiles (1.03-1.5x), is mixed at 128 (0.82x with 1280 channels, 1.0-1.17x with 320-960)
+// and loses from 256 (0.79-0.91x).
+constexpr int64_t kFusedMaxTiles = 64;
 
 at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   Conv3x3Call c = prepare_conv3x3(x, weight, bias);
@@ -130,16 +138,25 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
   const int64_t chunks = (rows_total + chunk_rows - 1) / chunk_rows;
   chunk_rows = (rows_total + chunks - 1) / chunks;  // equal chunks
   const int64_t max_tiles = chunk_rows * tw;
-  Workspace ws(16 * (Co * C + (C + Co) * max_tiles));
+  // Few tiles in one chunk (the 8x8 and smaller levels): each task transforms the filters of fused_co output
+  // channels into its own U block, which stays in cache, and runs their 16 GEMMs at once, so U never goes to
+  // memory and back. More tiles and the GEMMs' re-reads of V (per block) cost more than that round trip.
+  const bool fused = chunks == 1 && max_tiles <= kFusedMaxTiles;
+  const int64_t fused_co = std::min(Co, std::clamp<int64_t>((Co + 2 * threads - 1) / (2 * threads), 8, 32));
+  const int64_t u_floats = fused ? threads * 16 * fused_co * C : 16 * Co * C;
+  Workspace ws(u_floats + 16 * (C + Co) * max_tiles);
   float* up = ws.data();
-  float* vp = up + 16 * Co * C;
+  float* vp = up + u_floats;
   float* mp = vp + 16 * C * max_tiles;
-  transform_filters(c.weight.data_ptr<float>(), Co, C, up);
+  const float* wp = c.weight.data_ptr<float>();
+  if (!fused) {
+    // All of U up front, by streaming stores: it is larger than the cache for the wide layers.
+    at::parallel_for(0, Co, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+      transform_filters(wp, begin, end, C, up + begin * C, Co * C, /*streaming=*/true);
+      store_fence();  // before the pool's barrier lets the GEMMs read U
+    });
+  }
   const std::vector<float> zeros(W, 0.0f);
-
-  // Output-channel blocks per xi so that the GEMM tasks outnumber the threads at least twice.
-  const int64_t co_blocks = std::min<int64_t>(Co, std::max<int64_t>(1, (2 * threads + 15) / 16));
-  const int64_t co_block = (Co + co_blocks - 1) / co_blocks;
 
   for (int64_t r0 = 0; r0 < rows_total; r0 += chunk_rows) {
     const int64_t nr = std::min(chunk_rows, rows_total - r0), tiles = nr * tw;
@@ -157,16 +174,35 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
         winograd_input_row(rows, W, tw, s.data(), vp + ci * tiles + rr * tw, C * tiles);
       }
     });
-    at::parallel_for(0, 16 * co_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t xi = task / co_blocks, co0 = (task % co_blocks) * co_block;
-        const int64_t n = std::min(co_block, Co - co0);
-        if (n <= 0) continue;
-        // Column-major: M_xi^T [tiles x n] = V_xi^T [tiles x C] * U_xi^T [C x n].
-        sgemm(false, false, tiles, n, C, 1.0f, vp + xi * C * tiles, tiles, up + (xi * Co + co0) * C, C, 0.0f,
-              mp + (xi * Co + co0) * tiles, tiles);
-      }
-    });
+    if (fused) {
+      at::parallel_for(0, (Co + fused_co - 1) / fused_co, 1, [&](int64_t begin, int64_t end) {
+        const int64_t thread = at::get_thread_num();
+        TORCH_CHECK(thread < threads, "sdcore.conv3x3: thread ", thread, " of ", threads);
+        float* ub = up + thread * 16 * fused_co * C;
+        for (int64_t block = begin; block < end; ++block) {
+          const int64_t co0 = block * fused_co, n = std::min(fused_co, Co - co0);
+          transform_filters(wp, co0, co0 + n, C, ub, n * C, /*streaming=*/false);
+          for (int64_t xi = 0; xi < 16; ++xi) {
+            sgemm(false, false, tiles, n, C, 1.0f, vp + xi * C * tiles, tiles, ub + xi * n * C, C, 0.0f,
+                  mp + (xi * Co + co0) * tiles, tiles);
+          }
+        }
+      });
+    } else {
+      // Output-channel blocks per xi so that the GEMM tasks outnumber the threads at least twice.
+      const int64_t co_blocks = std::min<int64_t>(Co, std::max<int64_t>(1, (2 * threads + 15) / 16));
+      const int64_t co_block = (Co + co_blocks - 1) / co_blocks;
+      at::parallel_for(0, 16 * co_blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t xi = task / co_blocks, co0 = (task % co_blocks) * co_block;
+          const int64_t n = std::min(co_block, Co - co0);
+          if (n <= 0) continue;
+          // Column-major: M_xi^T [tiles x n] = V_xi^T [tiles x C] * U_xi^T [C x n].
+          sgemm(false, false, tiles, n, C, 1.0f, vp + xi * C * tiles, tiles, up + (xi * Co + co0) * C, C, 0.0f,
+                mp + (xi * Co + co0) * tiles, tiles);
+        }
+      });
+    }
     at::parallel_for(0, Co * nr, grain_in, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t co = idx / nr, rr = idx % nr, row = r0 + rr, b = row / th, ty = row % th;

@@ -41,9 +41,9 @@ void channel_sums(const float* x, int64_t pixels, int64_t channels, int64_t stri
 // output rows (out1 null past the image's last row) of `width` columns.
 void winograd_input_row(const float* const* rows, int64_t width, int64_t tiles, float* s, float* v,
                         int64_t xi_stride);
-// U = G g G^T of n <= 64 consecutive 3x3 filters g into u[xi * plane + k] (xi < 16, k < n), by streaming
-// (non-temporal) stores: call store_fence() on the same thread before others read u.
-void winograd_filters(const float* g, int64_t n, float* u, int64_t plane);
+// U = G g G^T of n <= 64 consecutive 3x3 filters g into u[xi * plane + k] (xi < 16, k < n); with `streaming`, by
+// non-temporal stores (call store_fence() on the same thread before others read u).
+void winograd_filters(const float* g, int64_t n, float* u, int64_t plane, bool streaming);
 // Orders this thread's streaming stores before its later stores (an sfence on x86-64).
 void store_fence();
 void winograd_output_row(const float* m, int64_t xi_stride, int64_t tiles, int64_t width, float bias, float* out0,
