@@ -33,11 +33,8 @@ cudaError_t launch_kernel(Kernel kernel, Args args, int block_rows, int threads,
   a.n_qblocks = (a.n + block_rows - 1) / block_rows;
   const int64_t blocks = static_cast<int64_t>(a.n_qblocks) * a.batch_heads;
   if (blocks > INT_MAX) return cudaErrorInvalidConfiguration;
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+  if (err != cudaSuccess) return err;
   kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(threads), smem, stream>>>(args);
   return cudaGetLastError();
 }

@@ -42,8 +42,20 @@ cudaError_t with_vec(int vec, F&& f) {
 
 template <typename K>
 cudaError_t allow_smem(K* kernel, int64_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return allow_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(bytes));
+}
+
+// Whether the fused kernel's cluster merge is in the code this device runs. It is compiled for sm_90 and up
+// only; a card newer than every SASS in the build (TORCH_CUDA_ARCH_LIST="8.0+PTX;9.0a" on a Blackwell) runs the
+// JIT-compiled compute_80 PTX, where a group split over a cluster would be normalized chunk by chunk.
+bool cluster_merge_available(const DeviceInfo& d) {
+  if (d.cc_major < 9) return false;
+  cudaFuncAttributes attr{};
+  if (kernel_attributes(reinterpret_cast<const void*>(gn_fused_kernel<float, 1, false, true>), attr) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion >= 90;
 }
 
 // Launches the fused kernel; returns cudaErrorNotSupported (without launching) when a cluster of K blocks
@@ -105,7 +117,7 @@ struct FusedGeometry {
     coef_bytes = 2 * cpg_pad * static_cast<int64_t>(sizeof(float));
     // Static shared memory (reduction scratch) and a margin stay out of the opt-in budget.
     limit = std::min<int64_t>(kFusedMaxBytes + coef_bytes, static_cast<int64_t>(d.smem_optin) - 1024);
-    max_k = d.cc_major >= 9 ? kMaxCluster : 1;
+    max_k = cluster_merge_available(d) ? kMaxCluster : 1;
   }
   bool in_range() const { return N <= INT_MAX / 2 && HW <= INT_MAX / 2; }
   int64_t chunk_of(int64_t K) const { return round_up(ceil_div(N, K), vec); }

@@ -226,6 +226,8 @@ __global__ void __launch_bounds__(kFusedMaxThreads, 2) gn_fused_kernel(const Fus
     cluster.sync();  // also keeps every block's `part` alive until all ranks have read it
     mean = stat[0];
     var = stat[1];
+#elif defined(__CUDA_ARCH__)
+    __trap();  // no cluster merge in this code: the host never launches it (cluster_merge_available)
 #endif
   }
 

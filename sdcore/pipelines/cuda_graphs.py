@@ -10,10 +10,15 @@ step costs one graph launch instead of hundreds of kernel launches and their hos
 * Every new graph is checked once: its first replay must equal, bitwise, the eager call on the same inputs.
   If capture fails or the replay differs, the pipeline warns and runs eagerly from then on (never a wrong
   image for the sake of speed).
-* One lock: a graph's static inputs and output are shared, so two threads replay one after the other."""
+* One lock: a graph's static inputs and output are shared, so two threads replay one after the other. Captures
+  (rare) also take a process-wide lock, so two UNets (SDXL's base and refiner) never capture at once.
+* Capture and replay run with the UNet's device current, on a capture stream of that device: a pipeline on
+  cuda:1 while cuda:0 is current would otherwise capture nothing (its kernels run eagerly on their own
+  device's stream), and the check below is made to catch that too."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 
@@ -27,6 +32,7 @@ CAPACITY = 8  # graphs kept; each holds its static inputs and output (its activa
 # eager calls on a side stream before capture (cuDNN/cuBLAS workspaces, lazy inits); the eager reference call
 # that the first replay is checked against has already run once on the main stream
 WARMUP_CALLS = 1
+_CAPTURE_LOCK = threading.Lock()
 
 
 class LRU:
@@ -70,12 +76,11 @@ def _signature(t: torch.Tensor) -> tuple:
 class _Graph:
     """One captured UNet call: its static inputs (filled before each replay) and output."""
 
-    def __init__(self, unet, pool, sample, timestep, context, added):
+    def __init__(self, unet, pool, stream, sample, timestep, context, added):
         self.sample, self.context = sample.clone(), context.clone()
         self.timestep = timestep.clone()
         self.added = {k: v.clone() for k, v in added.items()}
         kwargs = {"added_cond_kwargs": self.added} if self.added else {}
-        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_CALLS):
@@ -83,8 +88,11 @@ class _Graph:
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: another thread's CUDA work (a server's preview of the latents) doesn't break capture
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             self.output = unet(self.sample, self.timestep, self.context, **kwargs)
+        # Capture ran nothing, so the output holds the last eager result; poisoned, a graph that doesn't write
+        # all of it (captured nothing, or on another device's stream) fails the first replay's check.
+        self.output.fill_(float("nan"))
 
     def replay(self, sample, timestep, context, added) -> torch.Tensor:
         self.sample.copy_(sample)
@@ -104,6 +112,7 @@ class UNetGraphs:
         self.unet = unet
         self.graphs = LRU(capacity)
         self.pool = None
+        self.stream = None  # the capture stream, on the UNet's device
         self.weights = None
         self.disabled: str | None = None  # why graphs are off for this UNet, after a failed capture or check
         self.lock = threading.Lock()
@@ -123,10 +132,11 @@ class UNetGraphs:
             return self.unet(sample, timestep, context, **kwargs)
         key = (_signature(sample), _signature(context), sample.device, _backend.get_backend(),
                tuple((k, _signature(v)) for k, v in sorted(added.items())))
-        with self.lock:
+        with self.lock, (torch.cuda.device(sample.device) if sample.is_cuda else contextlib.nullcontext()):
             weights = self._weights_signature()
             if weights != self.weights:
                 self.graphs.clear()
+                self.pool = self.stream = None
                 self.weights = weights
             graph = self.graphs.get(key)
             if graph is not None:
@@ -135,7 +145,9 @@ class UNetGraphs:
             try:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
-                graph = _Graph(self.unet, self.pool, sample, timestep, context, added)
+                    self.stream = torch.cuda.Stream(sample.device)
+                with _CAPTURE_LOCK:
+                    graph = _Graph(self.unet, self.pool, self.stream, sample, timestep, context, added)
                 got = graph.replay(sample, timestep, context, added)
             except Exception as exc:  # an op that can't be captured: stay correct, eager from now on
                 self._disable(f"capture failed ({type(exc).__name__}: {exc})")
