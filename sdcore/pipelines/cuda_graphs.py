@@ -90,8 +90,9 @@ class _Graph:
         # thread_local: another thread's CUDA work (a server's preview of the latents) doesn't break capture
         with torch.cuda.graph(self.graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             self.output = unet(self.sample, self.timestep, self.context, **kwargs)
-        # Capture ran nothing, so the output holds the last eager result; poisoned, a graph that doesn't write
-        # all of it (captured nothing, or on another device's stream) fails the first replay's check.
+        # Capture only records kernels, so the output holds stale memory, or, for work that escaped capture (run
+        # eagerly on another device's stream), the right answer for these very inputs. Poisoned, a graph that
+        # doesn't write all of it fails the first replay's check.
         self.output.fill_(float("nan"))
 
     def replay(self, sample, timestep, context, added) -> torch.Tensor:
