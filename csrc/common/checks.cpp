@@ -32,6 +32,17 @@ void check_same(const at::Tensor& a, const char* a_name, const at::Tensor& b, co
                    a_name, " has dtype ", a.scalar_type(), "; all inputs must have one dtype");
 }
 
+// An optional 1-D bias of n values beside x (same device and dtype), contiguous; undefined when absent. `rows` says
+// where n comes from in the message ("" or " (weight's rows)").
+at::Tensor optional_bias(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t n, const char* rows,
+                         const char* op) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  check_same(x, "x", *bias, "bias", op);
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "]", rows, ", got ",
+              bias->sizes());
+  return bias->contiguous();
+}
+
 void check_not_empty(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.numel() > 0, op, ": ", arg, " is empty (shape ", t.sizes(), ")");
 }
@@ -225,12 +236,7 @@ Conv3x3Call prepare_conv3x3(const at::Tensor& x, const at::Tensor& weight, const
               ": weight must be [out_channels, ", x.size(1), ", 3, 3], got shape ", weight.sizes());
   const int64_t co = weight.size(0);
   Conv3x3Call c;
-  if (bias.has_value() && bias->defined()) {
-    check_same(x, "x", *bias, "bias", op);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == co, op, ": bias must have shape [", co, "], got ",
-                bias->sizes());
-    c.bias = bias->contiguous();
-  }
+  c.bias = optional_bias(x, bias, co, "", op);
   c.x = x.contiguous();
   c.weight = weight.contiguous();
   c.out = at::empty({x.size(0), co, x.size(2), x.size(3)}, x.options());
@@ -253,12 +259,7 @@ LinearAddCall prepare_linear_add(const at::Tensor& x, const at::Tensor& weight, 
   TORCH_CHECK(residual.sizes() == out_sizes, op, ": residual must have shape ", out_sizes,
               " (x's with the last dim out_features), got ", residual.sizes());
   LinearAddCall c;
-  if (bias.has_value() && bias->defined()) {
-    check_same(x, "x", *bias, "bias", op);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "] (weight's rows), got ",
-                bias->sizes());
-    c.bias = bias->contiguous();
-  }
+  c.bias = optional_bias(x, bias, n, " (weight's rows)", op);
   c.m = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   c.n = n;
   c.k = k;
