@@ -9,6 +9,8 @@
 # Estimated at 7-8 minutes on an H100/H200 (the Hopper steps have not run on a card yet); files written before
 # a timeout stay in OUTDIR.
 #   bench/gpu_check.sh OUTDIR
+# Before the device call, run bench/gpu_wheels.sh here (it fills .whl/ with diffusers, which the GPU image
+# lacks) and name .whl in the call's carry; without it the pipeline bench has no diffusers row.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -24,6 +26,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+$PY -c "import diffusers" 2>/dev/null \
+  || echo "WARNING: no diffusers here (bench/gpu_wheels.sh, then carry .whl): the pipeline bench has no diffusers row"
 
 step "device"
 nvidia-smi | tee "$OUT/device.txt"

@@ -38,15 +38,33 @@ def test_generated_attention_instances_match_a_fresh_run():
     assert run.returncode == 0, run.stderr
 
 
+def _cuda_release(tool):
+    """(major, minor) of a CUDA tool from its --version banner ("release 13.0, V13.0.88"), or None."""
+    try:
+        out = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def _cuobjdump(home):
-    """The toolkit's cuobjdump, else the one Triton's package carries (a pip toolkit may have none)."""
+    """The toolkit's cuobjdump, else the one Triton's package carries (a pip toolkit may have none), but only
+    one at least as new as the toolkit's nvcc: an older one misreads what a newer compiler wrote (torch
+    2.11's Triton carries CUDA 12.8's, which lists CUDA 13.0's sm_90a cubins as sm_90)."""
     candidates = [Path(home) / "bin" / "cuobjdump"]
     try:
         import triton
         candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     except ImportError:
         pass
-    return next((str(c) for c in candidates if c.exists()), None)
+    nvcc = _cuda_release(Path(home) / "bin" / "nvcc")
+    for c in candidates:
+        if c.exists():
+            release = _cuda_release(c)
+            if nvcc is None or (release is not None and release >= nvcc):
+                return str(c)
+    return None
 
 
 def test_wgmma_wrappers_match_a_fresh_run():
@@ -122,7 +140,7 @@ def test_extension_has_the_hopper_kernels_when_built_for_sm90a():
     home = cuda_env.find_cuda_home()
     cuobjdump = _cuobjdump(home) if home else None
     if cuobjdump is None:
-        pytest.skip("no cuobjdump (toolkit or triton) to read the extension's SASS with")
+        pytest.skip("no cuobjdump (toolkit or triton) as new as the toolkit's nvcc to read the extension's SASS with")
     lib = Path(_ext.__file__).parent
     so = next(iter(sorted(lib.glob("_C*.so"))), None)
     assert so is not None, f"no compiled extension in {lib}"
