@@ -144,11 +144,13 @@ def linear_add_cases(dev, dtype, quick):
 
 def conv3x3_cases(dev, dtype, quick):
     """The 3x3 convolutions of the SD 1.5 UNet (CFG batch 2, 512^2) and VAE decoder: on the CPU the kernels take
-    Winograd F(2x2, 3x3) where sdcore.ops.conv3x3 routes it (else the same F.conv2d as torch; on CUDA, always).
+    Winograd F(2x2, 3x3) where sdcore.ops.conv3x3 routes it, one GEMM over the 3x3 patches for the 4x4 level of a
+    256^2 UNet (else the same F.conv2d as torch; on CUDA, always).
     The rate counts the direct convolution's FLOPs, so above the matmul yardstick is possible."""
     shapes = [("UNet conv_in", 2, 4, 320, 64), ("UNet 64x64", 2, 320, 320, 64), ("UNet up 64x64", 2, 640, 320, 64),
               ("UNet 32x32", 2, 640, 640, 32), ("UNet up 32x32", 2, 960, 640, 32), ("UNet 16x16", 2, 1280, 1280, 16),
               ("UNet 8x8", 2, 1280, 1280, 8), ("UNet up 8x8", 2, 2560, 1280, 8), ("UNet 256^2 4x4", 2, 1280, 1280, 4),
+              ("UNet 256^2 up 4x4", 2, 2560, 1280, 4),
               ("UNet conv_out", 2, 320, 4, 64), ("VAE 64x64", 1, 512, 512, 64), ("VAE 128x128", 1, 512, 512, 128),
               ("VAE 256x256", 1, 256, 256, 256)]
     if quick:

@@ -113,7 +113,8 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     convolution of the SD UNet and VAE but the downsamplers'. x: [B, C, H, W]; weight: [Co, C, 3, 3];
     bias: [Co]. The kernels backend runs float32 NCHW inputs on the CPU by Winograd's F(2x2, 3x3)
     (``torch.ops.sdcore.conv3x3``: 2.25x fewer multiplies than a direct convolution; its RMS error against
-    float64 is up to 1.8x that of PyTorch's float32 convolution) where that is faster (``_winograd_serves``).
+    float64 is up to 1.8x that of PyTorch's float32 convolution) where that is faster, and the smallest images
+    of the widest layers (the 4x4 level of a 256^2 UNet) by one GEMM over their 3x3 patches (``_conv3x3_route``).
     Everything else (CUDA, where cuDNN picks its own algorithm; channels_last; half types; thin or small
     layers) and ``SDCORE_WINOGRAD=0`` run ``F.conv2d``, as the torch backend does."""
     _check_tensor("conv3x3", "x", x)
@@ -127,8 +128,12 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"sdcore.conv3x3: bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
     backend = _pick("conv3x3", x, weight, bias)
-    if backend == "kernels" and _winograd_serves(x, weight, bias) and os.environ.get("SDCORE_WINOGRAD") != "0":
-        return torch.ops.sdcore.conv3x3(x, weight, bias)
+    if backend == "kernels" and os.environ.get("SDCORE_WINOGRAD") != "0":
+        route = _conv3x3_route(x, weight, bias)
+        if route == "winograd":
+            return torch.ops.sdcore.conv3x3(x, weight, bias)
+        if route == "gemm":
+            return _conv3x3_gemm(x, weight, bias)
     if backend == "reference":
         return reference.conv3x3(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=1)
@@ -145,14 +150,33 @@ WINOGRAD_MIN_PIXELS = 512
 WINOGRAD_MIN_PIXELS_WIDE = 64
 
 
-def _winograd_serves(x, weight, bias) -> bool:
+def _conv3x3_route(x, weight, bias) -> str | None:
+    """"winograd", "gemm" or None (F.conv2d) for a conv3x3 on the kernels backend. Below 64 pixels, Winograd
+    loses on the wide layers: its RMS error reaches ~3x PyTorch's on 4x4 images (most of a tile is padding), and
+    MKL's GEMMs of under ~16 tiles take a slow small-matrix path. oneDNN is no better there: with two or more
+    images it runs its direct kernel, weight reorder included: 56 and 125 ms for the 4x4 level's layers of a
+    256^2 UNet on a 2-core Zen 3, where one GEMM over the 3x3 patches ("gemm", _conv3x3_gemm) takes 19 and 42 ms,
+    with 7-9x less RMS error than oneDNN's against float64 (docs/PERF.md)."""
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and (bias is None or bias.dtype == torch.float32) and x.is_contiguous()
             and x.shape[1] >= WINOGRAD_MIN_CHANNELS and weight.shape[0] >= WINOGRAD_MIN_OUT_CHANNELS):
-        return False
+        return None
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    wide = x.shape[1] * weight.shape[0] >= 1280 * 1280
-    return pixels >= (WINOGRAD_MIN_PIXELS_WIDE if wide else WINOGRAD_MIN_PIXELS)
+    if x.shape[1] * weight.shape[0] >= 1280 * 1280:
+        return "winograd" if pixels >= WINOGRAD_MIN_PIXELS_WIDE else "gemm"
+    return "winograd" if pixels >= WINOGRAD_MIN_PIXELS else None
+
+
+def _conv3x3_gemm(x, weight, bias):
+    """The direct convolution as one GEMM: the [B*H*W, 9C] matrix of every output's 3x3 input patch (zero
+    padded; F.unfold, in the (channel, ky, kx) order of the weight's own layout) times the [9C, Co] weights, with
+    the bias added by addmm. For small images only: the patch matrix is 9x the input."""
+    b, c, h, w = x.shape
+    co = weight.shape[0]
+    patches = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(b * h * w, 9 * c)
+    flat = weight.reshape(co, 9 * c).t()
+    out = torch.addmm(bias, patches, flat) if bias is not None else patches @ flat
+    return out.view(b, h * w, co).transpose(1, 2).contiguous().view(b, co, h, w)  # NCHW, as F.conv2d returns
 
 
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -52,9 +52,26 @@ def test_op_matches_float64(poisoned, shape, with_bias):
                          ids=lambda s: "x".join(map(str, s)))
 def test_error_within_twice_torch(shape):
     x, weight, bias = _inputs(1, *shape)
-    assert ops._winograd_serves(x, weight, bias)
+    assert ops._conv3x3_route(x, weight, bias) == "winograd"
     with sdcore.use_backend("kernels"):
         out = ops.conv3x3(x, weight, bias)
+    mine, torch_err, ref = _errors(out, x, weight, bias)
+    assert mine <= 2 * torch_err, f"RMS error {mine:.3e} > 2 x torch's {torch_err:.3e}"
+    check_precision(out, None, ref, torch.float32)
+
+
+# Under 64 pixels the wide layers (C x Co >= 1280^2) take one GEMM over the 3x3 patches: the 4x4 level of a
+# 256^2 UNet (CFG batch 2, and its 2560-channel concatenations), one image, 1x1 and odd sides, no bias.
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("shape", [(2, 1280, 1280, 4, 4), (2, 2560, 1280, 4, 4), (1, 1280, 1280, 4, 4),
+                                   (2, 1280, 1280, 1, 1), (1, 1920, 1280, 3, 5), (3, 1280, 1440, 2, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_small_images_of_wide_layers_take_one_gemm(shape, with_bias):
+    x, weight, bias = _inputs(6, *shape, bias=with_bias)
+    assert ops._conv3x3_route(x, weight, bias) == "gemm"
+    with sdcore.use_backend("kernels"):
+        out = ops.conv3x3(x, weight, bias)
+    assert out.shape == (shape[0], shape[2], shape[3], shape[4]) and out.is_contiguous()
     mine, torch_err, ref = _errors(out, x, weight, bias)
     assert mine <= 2 * torch_err, f"RMS error {mine:.3e} > 2 x torch's {torch_err:.3e}"
     check_precision(out, None, ref, torch.float32)
@@ -149,11 +166,13 @@ def test_errors_name_the_problem(call, message):
         call()
 
 
-def _conv_ops(fn):
+def _conv_ops(fn, gemm=False):
+    """(Winograd calls, PyTorch convolutions[, patch GEMMs]) in fn's profile."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     names = [e.name for e in prof.events()]
-    return names.count("sdcore::conv3x3"), sum(n == "aten::convolution" for n in names)
+    counts = names.count("sdcore::conv3x3"), sum(n == "aten::convolution" for n in names)
+    return counts + (sum(n in ("aten::addmm", "aten::mm") for n in names),) if gemm else counts
 
 
 def test_routing():
@@ -169,17 +188,25 @@ def test_routing():
         block.float()
         assert _conv_ops(lambda: block(x[:, :, :8, :8])) == (0, 3)  # 128 pixels
         assert _conv_ops(lambda: ops.conv3x3(torch.randn(2, 1280, 8, 8), torch.randn(1280, 1280, 3, 3))) == (1, 0)
+        small = torch.randn(2, 1280, 4, 4)  # 32 pixels of a wide layer: one GEMM, with or without the bias
+        assert _conv_ops(lambda: ops.conv3x3(small, torch.randn(1280, 1280, 3, 3)), gemm=True) == (0, 0, 1)
+        assert _conv_ops(lambda: ops.conv3x3(small, torch.randn(1280, 1280, 3, 3), torch.randn(1280)),
+                         gemm=True) == (0, 0, 1)
+        assert _conv_ops(lambda: ops.conv3x3(small.transpose(2, 3), torch.randn(1280, 1280, 3, 3))) == (0, 1)
+        assert _conv_ops(lambda: ops.conv3x3(torch.randn(2, 640, 4, 4), torch.randn(640, 640, 3, 3))) == (0, 1)
         assert _conv_ops(lambda: ops.conv3x3(torch.randn(2, 4, 64, 64), torch.randn(320, 4, 3, 3))) == (0, 1)
         assert _conv_ops(lambda: ops.conv3x3(torch.randn(2, 320, 64, 64), torch.randn(4, 320, 3, 3))) == (0, 1)
     with torch.no_grad(), sdcore.use_backend("torch"):
         assert _conv_ops(lambda: block(x)) == (0, 3)
 
 
-def test_winograd_switch_off(monkeypatch):
-    x, weight, bias = _inputs(5, 1, 128, 128, 32, 32)
+@pytest.mark.parametrize("shape", [(1, 128, 128, 32, 32), (2, 1280, 1280, 4, 4)], ids=["winograd", "gemm"])
+def test_winograd_switch_off(monkeypatch, shape):
+    """SDCORE_WINOGRAD=0 turns off both of sdcore's lowerings: every conv3x3 is PyTorch's convolution."""
+    x, weight, bias = _inputs(5, *shape)
     monkeypatch.setenv("SDCORE_WINOGRAD", "0")
     with sdcore.use_backend("kernels"):
-        assert _conv_ops(lambda: ops.conv3x3(x, weight, bias)) == (0, 1)
+        assert _conv_ops(lambda: ops.conv3x3(x, weight, bias), gemm=True) == (0, 1, 0)
         torch.testing.assert_close(ops.conv3x3(x, weight, bias), F.conv2d(x, weight, bias, padding=1), rtol=0,
                                    atol=0)
 

@@ -9,7 +9,8 @@
 // The transforms add and subtract only (G's 1/2 is exact), and U is computed in double: the extra error is
 // the output transform's sum of up to 9 GEMM results. Against a float64 convolution its RMS error is 1.0-1.8x
 // that of PyTorch's float32 one on the SD shapes sdcore.ops.conv3x3 sends here (tests/test_conv3x3.py holds
-// those to <= 2x), and up to ~3x on 4x4 images of 1280 channels, which it sends to oneDNN (slower here too).
+// those to <= 2x), and up to ~3x on 4x4 images of 1280 channels, which it sends to one GEMM over the 3x3
+// patches instead (the direct convolution's arithmetic, and faster there too).
 // F(4x4, 3x3) would cut the FLOPs 4x, but its transforms (2, 4, 5, 8) multiply the error, so it is not used.
 //
 // Work goes in chunks of whole tile rows, sized so the transformed input V [16][C][T] and the GEMM results
