@@ -162,6 +162,8 @@ def _conv3x3_route(x, weight, bias) -> str | None:
             and x.shape[1] >= WINOGRAD_MIN_CHANNELS and weight.shape[0] >= WINOGRAD_MIN_OUT_CHANNELS):
         return None
     pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    if pixels == 0:  # nothing to compute, or an empty side: F.conv2d's own result or message
+        return None
     if x.shape[1] * weight.shape[0] >= 1280 * 1280:
         return "winograd" if pixels >= WINOGRAD_MIN_PIXELS_WIDE else "gemm"
     return "winograd" if pixels >= WINOGRAD_MIN_PIXELS else None

@@ -194,6 +194,10 @@ def test_routing():
                          gemm=True) == (0, 0, 1)
         assert _conv_ops(lambda: ops.conv3x3(small.transpose(2, 3), torch.randn(1280, 1280, 3, 3))) == (0, 1)
         assert _conv_ops(lambda: ops.conv3x3(torch.randn(2, 640, 4, 4), torch.randn(640, 640, 3, 3))) == (0, 1)
+        empty = ops.conv3x3(torch.randn(0, 1280, 4, 4), torch.randn(1280, 1280, 3, 3), torch.randn(1280))
+        assert empty.shape == (0, 1280, 4, 4)
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):  # an empty side: F.conv2d's word
+            ops.conv3x3(torch.randn(2, 1280, 0, 4), torch.randn(1280, 1280, 3, 3))
         assert _conv_ops(lambda: ops.conv3x3(torch.randn(2, 4, 64, 64), torch.randn(320, 4, 3, 3))) == (0, 1)
         assert _conv_ops(lambda: ops.conv3x3(torch.randn(2, 320, 64, 64), torch.randn(4, 320, 3, 3))) == (0, 1)
     with torch.no_grad(), sdcore.use_backend("torch"):
