@@ -12,7 +12,8 @@ PYV=${1:-3.12}
 PY=${PYTHON:-python3}
 # The same diffusers as the test oracle here, so the GPU bench compares against what the tests trust.
 diffusers=$($PY -c "import importlib.metadata as m; print(m.version('diffusers'))" 2>/dev/null || echo "")
-grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/.whl/" >> .git/info/exclude; }
+exclude=$(git rev-parse --git-path info/exclude)  # .git/info/exclude, also in a worktree
+grep -qxF "/.whl/" "$exclude" 2>/dev/null || { mkdir -p "$(dirname "$exclude")"; echo "/.whl/" >> "$exclude"; }
 rm -rf .whl && mkdir -p .whl
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
