@@ -40,11 +40,6 @@ cudaError_t with_vec(int vec, F&& f) {
   }
 }
 
-template <typename K>
-cudaError_t allow_smem(K* kernel, int64_t bytes) {
-  return allow_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(bytes));
-}
-
 // Whether the fused kernel's cluster merge is in the code this device runs. It is compiled for sm_90 and up
 // only; a card newer than every SASS in the build (TORCH_CUDA_ARCH_LIST="8.0+PTX;9.0a" on a Blackwell) runs the
 // JIT-compiled compute_80 PTX, where a group split over a cluster would be normalized chunk by chunk.
@@ -64,7 +59,7 @@ template <typename T, int VEC>
 cudaError_t launch_fused(const FusedArgs<T>& a, bool cl, int64_t grid, int threads, int64_t smem,
                          cudaStream_t stream) {
   auto run = [&](auto kernel, bool cluster) -> cudaError_t {
-    cudaError_t err = allow_smem(kernel, smem);
+    cudaError_t err = allow_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(smem));
     if (err != cudaSuccess) return err;
     if (!cluster) {
       kernel<<<static_cast<unsigned>(grid), threads, static_cast<size_t>(smem), stream>>>(a);
