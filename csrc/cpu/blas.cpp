@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <limits>
 
 // torch's CPU library carries a BLAS (MKL on x86-64, OpenBLAS elsewhere) and exports its Fortran entry
@@ -38,6 +39,17 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
   } else {
     tc.copy_(at::addmm(tc, ta, tb, beta, alpha));
   }
+}
+
+void sgemm_blocked_k(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                     float* c, int64_t ldc) {
+  constexpr int64_t kBlockK = 128;
+  int64_t k0 = 0;
+  do {  // at least once: k = 0 still sets C to zero
+    const int64_t kb = std::min(kBlockK, k - k0);
+    sgemm(false, false, m, n, kb, 1.0f, a + k0 * lda, lda, b + k0, ldb, k0 == 0 ? 0.0f : 1.0f, c, ldc);
+    k0 += kb;
+  } while (k0 < k);
 }
 
 }  // namespace cpu

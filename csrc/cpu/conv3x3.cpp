@@ -7,10 +7,13 @@
 // oneDNN's direct convolution, at MKL's GEMM rate.
 //
 // The transforms add and subtract only (G's 1/2 is exact), and U is computed in double: the extra error is
-// the output transform's sum of up to 9 GEMM results. Against a float64 convolution its RMS error is 1.0-1.8x
-// that of PyTorch's float32 one on the SD shapes sdcore.ops.conv3x3 sends here (tests/test_conv3x3.py holds
-// those to <= 2x), and up to ~3x on 4x4 images of 1280 channels, which it sends to one GEMM over the 3x3
-// patches instead (the direct convolution's arithmetic, and faster there too).
+// the output transform's sum of up to 9 GEMM results. The GEMMs run over blocks of 128 input channels
+// (sgemm_blocked_k), so that each result's rounding does not depend on one BLAS kernel's k loop: with MKL's
+// single-call GEMMs the error reached 2.15x PyTorch's on an Intel Xeon and 1.0-1.8x on AMD EPYCs. Against a
+// float64 convolution its RMS error is 0.84-1.51x that of PyTorch's float32 one on that Xeon, on the SD shapes
+// sdcore.ops.conv3x3 sends here (tests/test_conv3x3.py holds those to <= 2x), and up to ~3x on 4x4 images of
+// 1280 channels, which it sends to one GEMM over the 3x3 patches instead (the direct convolution's
+// arithmetic, and faster there too).
 // F(4x4, 3x3) would cut the FLOPs 4x, but its transforms (2, 4, 5, 8) multiply the error, so it is not used.
 //
 // Work goes in chunks of whole tile rows, sized so the transformed input V [16][C][T] and the GEMM results
@@ -184,8 +187,8 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
           const int64_t co0 = block * fused_co, n = std::min(fused_co, Co - co0);
           transform_filters(wp, co0, co0 + n, C, ub, n * C, /*streaming=*/false);
           for (int64_t xi = 0; xi < 16; ++xi) {
-            sgemm(false, false, tiles, n, C, 1.0f, vp + xi * C * tiles, tiles, ub + xi * n * C, C, 0.0f,
-                  mp + (xi * Co + co0) * tiles, tiles);
+            sgemm_blocked_k(tiles, n, C, vp + xi * C * tiles, tiles, ub + xi * n * C, C, mp + (xi * Co + co0) * tiles,
+                            tiles);
           }
         }
       });
@@ -199,8 +202,8 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
           const int64_t n = std::min(co_block, Co - co0);
           if (n <= 0) continue;
           // Column-major: M_xi^T [tiles x n] = V_xi^T [tiles x C] * U_xi^T [C x n].
-          sgemm(false, false, tiles, n, C, 1.0f, vp + xi * C * tiles, tiles, up + (xi * Co + co0) * C, C, 0.0f,
-                mp + (xi * Co + co0) * tiles, tiles);
+          sgemm_blocked_k(tiles, n, C, vp + xi * C * tiles, tiles, up + (xi * Co + co0) * C, C,
+                          mp + (xi * Co + co0) * tiles, tiles);
         }
       });
     }
