@@ -113,8 +113,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     convolution of the SD UNet and VAE but the downsamplers'. x: [B, C, H, W]; weight: [Co, C, 3, 3];
     bias: [Co]. The kernels backend runs float32 NCHW inputs on the CPU by Winograd's F(2x2, 3x3)
     (``torch.ops.sdcore.conv3x3``: 2.25x fewer multiplies than a direct convolution; its RMS error against
-    float64 is 0.84-1.51x that of PyTorch's float32 convolution on an Intel Xeon; tests hold it to 2x) where that is faster, and the smallest images
-    of the widest layers (the 4x4 level of a 256^2 UNet) by one GEMM over their 3x3 patches (``_conv3x3_route``).
+    float64 is 0.84-1.51x that of PyTorch's float32 convolution on an Intel Xeon, and the tests hold it to 2x)
+    where that is faster, and the smallest images of the widest layers (the 4x4 level of a 256^2 UNet) by one
+    GEMM over their 3x3 patches (``_conv3x3_route``).
     Everything else (CUDA, where cuDNN picks its own algorithm; channels_last; half types; thin or small
     layers) and ``SDCORE_WINOGRAD=0`` run ``F.conv2d``, as the torch backend does."""
     _check_tensor("conv3x3", "x", x)
