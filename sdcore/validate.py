@@ -193,8 +193,8 @@ def sd_cases(device: str, quick: bool = False, seed: int = 0) -> list[Case]:
               r(2, 256, 5120, 1280, "SD1 down2 FF out")]
     c = lambda *args: _conv3x3_case(*args, device=device, gen=gen)  # noqa: E731
     cases += [c(2, 4, 320, 64, "SD1 conv_in"), c(2, 320, 320, 64, "SD1 down0"), c(2, 960, 640, 32, "SD1 up1"),
-              c(2, 1280, 1280, 16, "SD1 down2"), c(2, 2560, 1280, 8, "SD1 up0"), c(2, 2560, 1280, 4, "SD1 256^2 up0"), c(2, 320, 4, 64, "SD1 conv_out"),
-              c(1, 512, 512, 64, "VAE mid")]
+              c(2, 1280, 1280, 16, "SD1 down2"), c(2, 2560, 1280, 8, "SD1 up0"), c(2, 2560, 1280, 4, "SD1 256^2 up0"),
+              c(2, 320, 4, 64, "SD1 conv_out"), c(1, 512, 512, 64, "VAE mid")]
     if not quick:
         cases += [c(1, 256, 256, 256, "VAE up2")]
     s = lambda *args: _step_case(*args, device=device, gen=gen)  # noqa: E731
