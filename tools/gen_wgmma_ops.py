@@ -84,7 +84,15 @@ def render() -> str:
              '__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory"); }\n'
              '__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory"); }\n'
              "template <int N>\n"
-             '__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\\n" :: "n"(N) : "memory"); }\n']
+             '__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\\n" :: "n"(N) : "memory"); }\n\n'
+             "// Pins accumulators in place around asynchronous MMAs: the compiler may not move their reads or writes across\n"
+             "// this point (a wgmma asm statement writes d when issued as far as the compiler knows; the hardware does so by\n"
+             "// the wait).\n"
+             "template <int N>\n"
+             "__device__ __forceinline__ void fence_operands(float (&d)[N]) {\n"
+             "#pragma unroll\n"
+             '  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");\n'
+             "}\n"]
     parts += [ss(n) for n in SS_WIDTHS]
     parts += [rs(n) for n in RS_WIDTHS]
     parts.append("}  // namespace attn\n}  // namespace cuda\n}  // namespace sdcore\n")

@@ -36,19 +36,6 @@ __device__ __forceinline__ uint64_t make_desc(const void* smem, DescStrides s) {
          (static_cast<uint64_t>((s.sbo >> 4) & 0x3FFF) << 32);
 }
 
-// Shared memory written through the generic proxy (cp.async, st.shared) and read next by wgmma (the async
-// proxy) needs this fence between the two, in the writing threads, before the barrier.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// Pins accumulators in place around asynchronous MMAs: the compiler may not move their reads or writes across
-// this point (a wgmma asm statement writes d when issued as far as the compiler knows; the hardware does so by
-// the wait).
-template <int N>
-__device__ __forceinline__ void fence_operands(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
 // Rows [row0, row0 + kRows) x columns [0, kDp) of a row-major matrix (row stride `stride`, 16-byte aligned
 // rows) into a no-swizzle tile by cp.async. Rows >= row_limit and columns >= d become zeros. Eight consecutive
 // threads fill one core matrix (128 contiguous bytes: no bank conflicts), the next eight the next chunk of the

@@ -1,6 +1,7 @@
 // The sm_90 primitives of the Hopper attention's producer/consumer pipeline: shared-memory mbarriers, the TMA
-// tensor copy that completes on one, and a named barrier for a subset of the block. One small wrapper each, as
-// attention_ptx.cuh for the sm_80 ones; the caller compiles them only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL).
+// tensor copy that completes on one, the generic-to-async proxy fence, and a named barrier for a subset of the
+// block. One small wrapper each, as attention_ptx.cuh for the sm_80 ones (and, like it, a file that a host
+// emulation can stand in for: tests/emu/); the caller compiles them only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -58,6 +59,10 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
     if (clock64() - start > (1ll << 34)) __trap();
   }
 }
+
+// Shared memory written through the generic proxy (cp.async, st.shared) and read next by wgmma (the async
+// proxy) needs this fence between the two, in the writing threads, before the barrier.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // One box of a 5-d tensor map (tensor_map.h) into shared memory; its bytes complete on `bar`. Coordinates are
 // element indices, innermost first.

@@ -19,6 +19,15 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
 
+// Pins accumulators in place around asynchronous MMAs: the compiler may not move their reads or writes across
+// this point (a wgmma asm statement writes d when issued as far as the compiler knows; the hardware does so by
+// the wait).
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
 // D[64 x 64] = (scale_d ? D : 0) + A[64 x 16] . B[16 x 64], A and B in shared memory (descriptors).
 // TA/TB: the operands' transpose flags (0: K-major, 1: MN-major).
 template <typename T, int TA, int TB>
