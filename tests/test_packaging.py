@@ -102,11 +102,12 @@ def _sdist_names(sdist: Path) -> set:
         return {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
 
 
-def test_sdist_holds_everything_the_build_needs(sdist):
+def test_sdist_holds_everything_the_build_and_the_tests_need(sdist):
     names = _sdist_names(sdist)
     needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "CHANGELOG.md", "CMakeLists.txt"}
     for pattern in ("tools/*.py", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "csrc/**/*.cuh",
-                    "sdcore/data/*", "sdcore/**/*.py", "sdcore/serve/static/*"):
+                    "sdcore/data/*", "sdcore/**/*.py", "sdcore/serve/static/*",
+                    "tests/**/*.py", "tests/**/*.cu", "tests/**/*.cpp", "tests/**/*.h", "tests/**/*.cuh"):
         needed |= {p.relative_to(ROOT).as_posix() for p in ROOT.glob(pattern) if "__pycache__" not in p.parts}
     needed.discard("sdcore/_build_config.json")
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"

@@ -16,9 +16,13 @@
 //     matrix descriptor. The tensor maps (tensor_map.h) write that same layout, so both loaders feed one main
 //     loop.
 //
-// Status: written on a machine without a GPU, so nothing here has run yet. The dispatch only takes it when
-// asked (SDCORE_CUDA_ATTENTION=sm90, on a cc 9.0 device, from a build with 9.0a in TORCH_CUDA_ARCH_LIST).
-// bench/hopper/wgmma_attention.cu tests its layout assumptions one by one and times all four configurations;
+// Status: written on a machine without a GPU; nothing here has run on a card yet. It runs on a host emulator
+// of the CUDA execution model (tests/test_attention_emulated.py: this code on emulated wgmma, TMA and
+// mbarriers, every configuration below, against float64 and the sm_80 kernel, with asynchronous work landing
+// early, late or at random), which checks the pipeline, masking and index math but not how a card reads the
+// layouts. The dispatch only takes it when asked (SDCORE_CUDA_ATTENTION=sm90, on a cc 9.0 device, from a build
+// with 9.0a in TORCH_CUDA_ARCH_LIST). bench/hopper/wgmma_attention.cu tests its layout assumptions on a card
+// one by one and times all four configurations;
 // bench/gpu_check.sh runs the attention tests with it; the default moves to it once it passes there and beats
 // the sm_80 kernel. The TMA kernel also comes with 128-key tiles (setmaxnreg moves the producer's registers to
 // the consumers) and with its two consumers taking turns at the MMAs (ping-pong), which the harness times

@@ -1,0 +1,97 @@
+// What the sdcore attention headers need of the CUDA toolkit, for a host compiler (g++) running the kernels on
+// the SIMT emulator (../simt.h): the qualifiers as no-ops, the few runtime types and error codes, the built-in
+// index variables and warp/block intrinsics routed to the emulator, and 16-bit float types with the toolkit's
+// round-to-nearest-even conversions. The files named cuda.h, cuda_runtime.h, ... in this folder include this one,
+// so that the kernels' own #include lines find it instead of the toolkit.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#define __host__
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __align__(n) alignas(n)
+
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorNotSupported = 801,
+};
+typedef struct CUstream_st* cudaStream_t;
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes = 0;
+  int maxDynamicSharedSizeBytes = 0;
+  int ptxVersion = 90;
+};
+// Opaque to the kernels, as in the toolkit; the emulator's encode_head_tile_map stores its own record here.
+struct alignas(64) CUtensorMap {
+  uint64_t opaque[16];
+};
+
+namespace emu {
+uint3 thread_idx();
+uint3 block_idx();
+float shfl_xor(unsigned mask, float v, int lane_mask);
+void sync_block();
+void sync_warp();
+[[noreturn]] void trap();
+}  // namespace emu
+
+#define threadIdx (::emu::thread_idx())
+#define blockIdx (::emu::block_idx())
+inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) { return emu::shfl_xor(mask, v, lane_mask); }
+inline void __syncthreads() { emu::sync_block(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
+[[noreturn]] inline void __trap() { emu::trap(); }
+
+// 16-bit floats: storage plus the conversions the kernels use, rounding to nearest even as the toolkit's _rn.
+struct __half {
+  uint16_t x;
+};
+struct __nv_bfloat16 {
+  uint16_t x;
+};
+
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.x, 2);
+  return static_cast<float>(f);
+}
+inline __half __float2half_rn(float x) {
+  const _Float16 f = static_cast<_Float16>(x);  // IEEE conversion: round to nearest even
+  __half h;
+  std::memcpy(&h.x, &f, 2);
+  return h;
+}
+
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t bits = uint32_t(b.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if (std::isnan(x)) return {static_cast<uint16_t>((bits >> 16) | 0x40)};  // quiet NaN, sign kept
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return {static_cast<uint16_t>(bits >> 16)};
+}
