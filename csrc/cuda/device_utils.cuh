@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "store_ptx.cuh"
+
 namespace sdcore {
 namespace cuda {
 namespace dev {
@@ -69,17 +71,6 @@ __device__ __forceinline__ T from_float(float v) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void st_global_v4(void* p, uint4 u) {
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
-               : "memory");
-}
-__device__ __forceinline__ void st_global_v2(void* p, uint2 u) {
-  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(u.x), "r"(u.y) : "memory");
-}
-__device__ __forceinline__ void st_global_b32(void* p, uint32_t u) {
-  asm volatile("st.global.b32 [%0], %1;" ::"l"(p), "r"(u) : "memory");
-}
-
 // Vector access: VEC consecutive elements at p, which must be aligned to min(VEC * sizeof(T), 16) bytes
 // when VEC * sizeof(T) >= 4 (it is a single element otherwise). load_vec works on global and shared
 // pointers; store_vec is for global memory only (explicit st.global.v4/v2: a plain uint4 assignment is a
