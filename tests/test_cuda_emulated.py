@@ -1,19 +1,24 @@
-"""The Hopper attention kernels (csrc/cuda/attention_sm90.cuh: wgmma, TMA, mbarriers, warp specialization) have
-not run on a card yet. Here they run on a host emulator of the CUDA execution model (tests/emu/simt.h), with
-g++ and no GPU: their own code, through their own launchers, in every configuration of the tile table, with
-the PTX primitives (tests/emu/*.cuh stand in for csrc/cuda's attention_ptx.cuh, tma_ptx.cuh and wgmma_ops.cuh)
-executed as the PTX ISA describes them. Asynchronous work lands at issue, at its wait, or at random in
-between, so a missing wait, fence or barrier shows up; the emulator also reports deadlocks, divergence and
-out-of-bounds accesses by name. The sm_80 kernel, which has run on H100/H200 cards, runs on the same emulator
-as the yardstick (tests/emu/attention_emu.cpp).
+"""sdcore's CUDA kernels on a host emulator of the CUDA execution model (tests/emu/simt.h), with g++ and no GPU:
+the kernels' own code, through their own host launchers, with the PTX primitives (tests/emu/*.cuh stand in for
+csrc/cuda's attention_ptx.cuh, tma_ptx.cuh, wgmma_ops.cuh and store_ptx.cuh) executed as the PTX ISA describes
+them. Asynchronous work (cp.async, TMA copies, wgmma) lands at issue, at its wait, or at random in between,
+and under the random timing warps stall for rounds at a time, so a missing wait, fence or barrier shows up;
+the emulator also reports deadlocks, divergent collectives and out-of-bounds accesses by name.
 
-What this cannot show: that a card reads wgmma's shared-memory layouts as the PTX ISA describes them (bench/hopper
-checks that on a card), and speed.
+- The Hopper attention kernels (csrc/cuda/attention_sm90.cuh: wgmma, TMA, mbarriers, warp specialization),
+  which have not run on a card yet, in every configuration of the tile table, against float64 and against the
+  sm_80 kernel (which has run on H100/H200 cards) on the same emulator (tests/emu/attention_emu.cpp).
+- GroupNorm(+SiLU) on every path its planner takes on an H100, an A100 and a 48 KB-shared-memory device
+  (fused, fused over a thread block cluster, the split path's three kernels) and GEGLU's epilogue, against
+  float64 (tests/emu/group_norm_geglu_emu.cpp).
 
-Seeded bugs below (each a realistic mistake in the pipeline) must make the emulator fail: a suite that passed
-them would prove nothing.
+What this cannot show: that a card reads wgmma's shared-memory layouts as the PTX ISA describes them
+(bench/hopper checks that on a card), and speed.
 
-    python -m pytest tests/test_attention_emulated.py     # after editing the Hopper kernels
+Seeded bugs below (each a realistic mistake) must make the emulator fail: a suite that passed them would prove
+nothing.
+
+    python -m pytest tests/test_cuda_emulated.py     # after editing a CUDA kernel
 """
 import re
 import shutil
@@ -23,14 +28,13 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = ROOT / "tests" / "emu"
-CUDA = ROOT / "csrc" / "cuda"
-# The kernels' headers, copied as they are; the PTX primitive headers are replaced by tests/emu's.
-KERNEL_FILES = ["attention_sm90.cuh", "attention_sm90_mainloop.cuh", "attention_launch.cuh", "attention_kernel.cuh",
-                "attention_instances.h", "device_info.h", "tensor_map.h"]
-STAND_INS = ["attention_ptx.cuh", "tma_ptx.cuh", "wgmma_ops.cuh"]
-RUNS = 54  # every (case, configuration) attention_emu.cpp checks
+sys.path.insert(0, str(Path(__file__).resolve().parent / "emu"))
+import emu_build  # noqa: E402
+
+ATTENTION_RUNS = 54  # every (case, configuration) attention_emu.cpp checks
+NORM_CASES = 16  # group_norm_geglu_emu.cpp's cases
+NORM_SOURCES = ["group_norm.cu", "geglu.cu"]
+TIMINGS = ["eager", "late", "random 1", "random 2"]
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulator's threads are ucontext fibers (Linux)"),
@@ -38,59 +42,43 @@ pytestmark = [
 ]
 
 
-def scratch_tree(dst: Path, mutation: tuple[str, str, str] | None = None) -> Path:
-    """csrc/ with the stand-ins in place of the PTX headers, and the one triple-chevron launch (which g++ can't
-    parse) as a call of the emulator's launch(). Returns the folder to put first on the include path."""
-    cuda, common = dst / "csrc" / "cuda", dst / "csrc" / "common"
-    cuda.mkdir(parents=True)
-    shutil.copytree(ROOT / "csrc" / "common", common)
-    for name in KERNEL_FILES:
-        shutil.copy(CUDA / name, cuda / name)
-    for name in STAND_INS:
-        assert (CUDA / name).exists(), f"tests/emu/{name} stands in for csrc/cuda/{name}, which is gone"
-        shutil.copy(EMU / name, cuda / name)
-    launch = cuda / "attention_launch.cuh"
-    text, n = re.subn(r"(\w+)<<<(.+?)>>>\((\w+)\);", r"::emu::launch(\1, \2, \3);", launch.read_text())
-    assert n == 1, "attention_launch.cuh no longer has exactly one kernel<<<...>>>(args) launch: update scratch_tree"
-    launch.write_text(text)
-    if mutation is not None:
-        name, old, new = mutation
-        text = (cuda / name).read_text()
-        assert text.count(old) == 1, f"the seeded bug no longer applies to csrc/cuda/{name}: update MUTANTS"
-        (cuda / name).write_text(text.replace(old, new))
-    return cuda
-
-
-def build(tmp: Path, mutation=None, opt: str = "-O1") -> Path:
-    include = scratch_tree(tmp / "tree", mutation)
-    exe = tmp / "attention_emu"
-    cmd = ["g++", "-std=c++20", opt, "-D__CUDA_ARCH_FEAT_SM90_ALL", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi",
-           "-I", str(EMU), "-I", str(EMU / "include"), "-I", str(include), str(EMU / "attention_emu.cpp"),
-           "-o", str(exe)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-4000:]
-    assert "warning" not in run.stderr, run.stderr[-4000:]
-    return exe
+def run(exe: Path, timing: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), *timing.split()], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("emu"))
+def attention_emu(tmp_path_factory):
+    return emu_build.build(tmp_path_factory.mktemp("attention"), "attention_emu.cpp")
 
 
-@pytest.mark.parametrize("timing", ["eager", "late", "random 1", "random 2"])
-def test_hopper_attention_matches_float64_on_the_emulator(emulator, timing):
+@pytest.fixture(scope="module")
+def norm_emu(tmp_path_factory):
+    return emu_build.build(tmp_path_factory.mktemp("norm"), "group_norm_geglu_emu.cpp", NORM_SOURCES)
+
+
+@pytest.mark.parametrize("timing", TIMINGS)
+def test_hopper_attention_matches_float64_on_the_emulator(attention_emu, timing):
     """fp16 at SD's head dims (40, 64, 80, 160) in all nine configurations (cp.async or TMA loads, 64- or
     128-key tiles, overlapped softmax, ping-pong consumers, the driver without a tensor-map encoder), bf16 in
     the table's; fused q/k/v views, cross-attention over 77 tokens, causal masks, tails of one row and one key,
     K/V expanded over heads. Error within 2x the sm_80 kernel's, nothing written outside the output."""
-    run = subprocess.run([str(emulator), *timing.split()], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert run.stdout.rstrip().endswith(f"OK: {RUNS} runs"), run.stdout[-2000:]
+    out = run(attention_emu, timing)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.stdout.rstrip().endswith(f"OK: {ATTENTION_RUNS} runs"), out.stdout[-2000:]
 
 
-# (file, the kernel's text, the bug, what the emulator must say): each a mistake a pipeline like this invites.
-MUTANTS = {
+@pytest.mark.parametrize("timing", TIMINGS)
+def test_group_norm_and_geglu_match_float64_on_the_emulator(norm_emu, timing):
+    """Each case also checks which path the planner took (one fused launch, its cluster size, or the split
+    path's three launches), so a planner change that skips a path fails here instead of going untested."""
+    out = run(norm_emu, timing)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.stdout.rstrip().endswith(f"OK: {NORM_CASES} cases"), out.stdout[-2000:]
+
+
+# (file under csrc/cuda, the kernel's text, the bug, what the emulator must say): each a mistake these kernels
+# invite. The attention ones run on attention_emu in the late timing, the others on group_norm_geglu_emu.
+ATTENTION_MUTANTS = {
     "descriptor strides swapped (LBO along M/N)": (
         "attention_sm90_mainloop.cuh", "return {static_cast<uint32_t>(rows) * 16, 128};",
         "return {128, static_cast<uint32_t>(rows) * 16};", r"EMULATION FAILURE"),
@@ -118,12 +106,37 @@ MUTANTS = {
         "attention_sm90_mainloop.cuh", "      wgmma_commit();\n      turn.pass();\n      wgmma_wait<1>();",
         "      wgmma_commit();\n      wgmma_wait<1>();", r"deadlock: no thread can move"),
 }
+NORM_MUTANTS = {
+    "cluster merge reads rank 0 for every rank": (
+        "group_norm_kernels.cuh", "cluster.map_shared_rank(part, static_cast<unsigned>(r));",
+        "cluster.map_shared_rank(part, 0u);", r"group_norm fp32 1x64x96x96 .* on H100: y\["),
+    "block_sum reuses its scratch without a barrier": (
+        "device_utils.cuh", "  __syncthreads();  // a previous call's readers are done with scratch\n", "",
+        r"group_norm .*: y\["),
+    "weights read as float32 when they are in the input's dtype": (
+        "group_norm_kernels.cuh",
+        "return f32 ? static_cast<const float*>(p)[c] : to_float(static_cast<const T*>(p)[c]);",
+        "return !f32 ? static_cast<const float*>(p)[c] : to_float(static_cast<const T*>(p)[c]);",
+        r"w:dtype .*: y\["),
+    "a vector crossing a channel row keeps the old channel": (
+        "group_norm_kernels.cuh", "          sh[j] = s_shift[ch];\n          if (++col == a.HW) {",
+        "          sh[j] = s_shift[ch];\n          if (++col > a.HW) {", r"1x96x7x9 .*: y\["),
+}
 
 
-@pytest.mark.parametrize("name", MUTANTS)
-def test_the_emulator_catches_a_seeded_bug(tmp_path, name):
-    file, old, new, expected = MUTANTS[name]
-    exe = build(tmp_path, (file, old, new), opt="-O0")  # -O0: half the compile time, and it fails in seconds
-    run = subprocess.run([str(exe), "late"], capture_output=True, text=True, timeout=600)
-    assert run.returncode != 0, f"the emulator passed a kernel with a seeded bug ({name})"
-    assert re.search(expected, run.stdout), run.stdout[-3000:]
+@pytest.mark.parametrize("name", ATTENTION_MUTANTS)
+def test_the_emulator_catches_a_seeded_attention_bug(tmp_path, name):
+    file, old, new, expected = ATTENTION_MUTANTS[name]
+    exe = emu_build.build(tmp_path, "attention_emu.cpp", mutation=(file, old, new), opt="-O0")  # -O0: faster here
+    out = run(exe, "late")
+    assert out.returncode != 0, f"the emulator passed a kernel with a seeded bug ({name})"
+    assert re.search(expected, out.stdout), out.stdout[-3000:]
+
+
+@pytest.mark.parametrize("name", NORM_MUTANTS)
+def test_the_emulator_catches_a_seeded_group_norm_bug(tmp_path, name):
+    file, old, new, expected = NORM_MUTANTS[name]
+    exe = emu_build.build(tmp_path, "group_norm_geglu_emu.cpp", NORM_SOURCES, mutation=(file, old, new), opt="-O0")
+    out = run(exe, "random 1")  # a missing barrier needs warps at different paces
+    assert out.returncode != 0, f"the emulator passed a kernel with a seeded bug ({name})"
+    assert re.search(expected, out.stdout), out.stdout[-3000:]

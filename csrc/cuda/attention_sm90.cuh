@@ -17,7 +17,7 @@
 //     loop.
 //
 // Status: written on a machine without a GPU; nothing here has run on a card yet. It runs on a host emulator
-// of the CUDA execution model (tests/test_attention_emulated.py: this code on emulated wgmma, TMA and
+// of the CUDA execution model (tests/test_cuda_emulated.py: this code on emulated wgmma, TMA and
 // mbarriers, every configuration below, against float64 and the sm_80 kernel, with asynchronous work landing
 // early, late or at random), which checks the pipeline, masking and index math but not how a card reads the
 // layouts. The dispatch only takes it when asked (SDCORE_CUDA_ATTENTION=sm90, on a cc 9.0 device, from a build

@@ -5,8 +5,8 @@
 //   - nothing written outside the output view; the emulator fails at once on a deadlock, divergence, a read
 //     of shared bytes a copy is still writing, a copy into bytes an issued wgmma may still read, a missing
 //     proxy fence, or an access outside shared memory or the tensors.
-// tests/test_attention_emulated.py copies the attention headers into a scratch tree with tests/emu's primitive
-// files in place of the PTX ones and builds this with g++ (no CUDA toolkit, no GPU).
+// tests/test_cuda_emulated.py builds it with g++ (no CUDA toolkit, no GPU) on a scratch copy of csrc/
+// (tests/emu/emu_build.py), with device.cpp.
 //   attention_emu [eager|late|random] [seed]      prints one line per run and "OK: N runs", or the failure
 #include <cmath>
 #include <cstdio>
@@ -21,40 +21,6 @@
 
 namespace sdcore {
 namespace cuda {
-
-// An H100's figures (132 SMs, cc 9.0, 227 KB of opt-in shared memory per block).
-cudaError_t current_device_info(DeviceInfo& info) {
-  info.sms = 132;
-  info.cc_major = 9;
-  info.cc_minor = 0;
-  info.smem_optin = 227 * 1024;
-  return cudaSuccess;
-}
-cudaError_t allow_dynamic_smem(const void*, size_t bytes) {
-  return bytes <= 227 * 1024 ? cudaSuccess : cudaErrorInvalidValue;
-}
-
-bool g_driver_has_tma = true;  // false: encode_head_tile_map answers as a driver without the encoder
-
-// The geometry checks of the real encoder (head_tile_map_layout), then the map as the emulator's record.
-cudaError_t encode_head_tile_map(CUtensorMap* map, const void* base, int64_t batch, int64_t heads, int64_t rows,
-                                 int64_t d, int64_t stride_b, int64_t stride_h, int64_t stride_row, int box_rows,
-                                 int box_cols) {
-  HeadTileMapLayout l;
-  if (!head_tile_map_layout(&l, base, batch, heads, rows, d, stride_b, stride_h, stride_row, box_rows, box_cols)) {
-    return cudaErrorInvalidValue;
-  }
-  if (!g_driver_has_tma) return cudaErrorNotSupported;
-  emu::TensorMapRecord r{};
-  r.magic = emu::kTensorMapMagic;
-  r.base = static_cast<const unsigned char*>(base);
-  for (int i = 0; i < 5; ++i) r.dims[i] = l.dims[i], r.box[i] = l.box[i];
-  for (int i = 0; i < 4; ++i) r.strides[i] = l.strides[i];
-  std::memset(map, 0, sizeof(*map));
-  std::memcpy(map, &r, sizeof(r));
-  return cudaSuccess;
-}
-
 namespace attn {
 // The sm_80 launchers are extern templates in attention_launch.cuh (their instantiation files are .cu): the
 // ones the comparison runs are instantiated here.
@@ -69,7 +35,6 @@ template cudaError_t run_flash<__nv_bfloat16, 160>(FlashArgs, cudaStream_t);
 template cudaError_t run_simt<__half>(FlashArgs, cudaStream_t);
 template cudaError_t run_simt<__nv_bfloat16>(FlashArgs, cudaStream_t);
 }  // namespace attn
-
 }  // namespace cuda
 }  // namespace sdcore
 
@@ -309,9 +274,9 @@ void run_case(const Case& c, bool all_configs, uint64_t seed) {
     one("tma bc128 overlap pingpong", launch_config<T, DP, 128, true, true, true>);
   }
   // A driver without the tensor-map encoder: the table falls back to the cp.async kernel.
-  sdcore::cuda::g_driver_has_tma = false;
+  emu::device().tma_encoder = false;
   one("table, no TMA encoder in the driver", [](const FlashArgs& a) { return run_flash_sm90<T, DP>(a, nullptr); });
-  sdcore::cuda::g_driver_has_tma = true;
+  emu::device().tma_encoder = true;
 }
 
 }  // namespace

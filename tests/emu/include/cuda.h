@@ -1,3 +1,3 @@
 // Stands in for the toolkit header of this name on the host emulator: see emu_cuda.h.
 #pragma once
-#include "emu_cuda.h"
+#include "../simt.h"

@@ -1,13 +1,15 @@
-// What the sdcore attention headers need of the CUDA toolkit, for a host compiler (g++) running the kernels on
-// the SIMT emulator (../simt.h): the qualifiers as no-ops, the few runtime types and error codes, the built-in
-// index variables and warp/block intrinsics routed to the emulator, and 16-bit float types with the toolkit's
-// round-to-nearest-even conversions. The files named cuda.h, cuda_runtime.h, ... in this folder include this one,
-// so that the kernels' own #include lines find it instead of the toolkit.
+// What sdcore's CUDA sources need of the CUDA toolkit, for a host compiler (g++) running the kernels on the SIMT
+// emulator (../simt.h): the qualifiers as no-ops, the few runtime types and error codes, the built-in index
+// variables, warp/block intrinsics routed to the emulator, device math, and 16-bit float types with the
+// toolkit's round-to-nearest-even conversions. The files named cuda.h, cuda_runtime.h, ... in this folder
+// include the emulator (which includes this), so that the kernels' own #include lines find it instead of the
+// toolkit.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 
 #define __host__
@@ -25,9 +27,16 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+
+// The built-in index variables: the scheduler sets them before it resumes a thread (tests/emu/simt.h).
+inline uint3 threadIdx{}, blockIdx{};
+inline dim3 blockDim, gridDim;
 
 enum cudaError_t {
   cudaSuccess = 0,
@@ -41,26 +50,57 @@ struct cudaFuncAttributes {
   int maxDynamicSharedSizeBytes = 0;
   int ptxVersion = 90;
 };
+// Launches with attributes (the thread block cluster dimension is the one sdcore sets).
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  struct {
+    struct {
+      unsigned x, y, z;
+    } clusterDim;
+  } val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned numAttrs;
+};
 // Opaque to the kernels, as in the toolkit; the emulator's encode_head_tile_map stores its own record here.
 struct alignas(64) CUtensorMap {
   uint64_t opaque[16];
 };
 
 namespace emu {
-uint3 thread_idx();
-uint3 block_idx();
 float shfl_xor(unsigned mask, float v, int lane_mask);
 void sync_block();
 void sync_warp();
 [[noreturn]] void trap();
 }  // namespace emu
 
-#define threadIdx (::emu::thread_idx())
-#define blockIdx (::emu::block_idx())
 inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask) { return emu::shfl_xor(mask, v, lane_mask); }
 inline void __syncthreads() { emu::sync_block(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
 [[noreturn]] inline void __trap() { emu::trap(); }
+
+// Device math the kernels call by their CUDA names: the fast forms as their exact counterparts (the emulator
+// checks logic, not the last ulp), and CUDA's global min/max overloads.
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float x, float y) { return x / y; }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+using std::max;
+using std::min;
 
 // 16-bit floats: storage plus the conversions the kernels use, rounding to nearest even as the toolkit's _rn.
 struct __half {
@@ -69,6 +109,11 @@ struct __half {
 struct __nv_bfloat16 {
   uint16_t x;
 };
+
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
 
 inline float __half2float(__half h) {
   _Float16 f;
