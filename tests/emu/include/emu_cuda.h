@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <algorithm>
+#include <bit>
 #include <cstring>
 
 #define __host__
@@ -89,16 +90,8 @@ inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float x, float y) { return x / y; }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
+inline float __uint_as_float(unsigned u) { return std::bit_cast<float>(u); }
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 using std::max;
 using std::min;
 
@@ -115,27 +108,14 @@ inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
 
-inline float __half2float(__half h) {
-  _Float16 f;
-  std::memcpy(&f, &h.x, 2);
-  return static_cast<float>(f);
-}
-inline __half __float2half_rn(float x) {
-  const _Float16 f = static_cast<_Float16>(x);  // IEEE conversion: round to nearest even
-  __half h;
-  std::memcpy(&h.x, &f, 2);
-  return h;
+inline float __half2float(__half h) { return static_cast<float>(std::bit_cast<_Float16>(h.x)); }
+inline __half __float2half_rn(float x) {  // the IEEE conversion: round to nearest even
+  return {std::bit_cast<uint16_t>(static_cast<_Float16>(x))};
 }
 
-inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t bits = uint32_t(b.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+inline float __bfloat162float(__nv_bfloat16 b) { return std::bit_cast<float>(uint32_t(b.x) << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
+  uint32_t bits = std::bit_cast<uint32_t>(x);
   if (std::isnan(x)) return {static_cast<uint16_t>((bits >> 16) | 0x40)};  // quiet NaN, sign kept
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return {static_cast<uint16_t>(bits >> 16)};
