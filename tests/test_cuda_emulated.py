@@ -9,8 +9,8 @@ the emulator also reports deadlocks, divergent collectives and out-of-bounds acc
   which have not run on a card yet, in every configuration of the tile table, against float64 and against the
   sm_80 kernel (which has run on H100/H200 cards) on the same emulator (tests/emu/attention_emu.cpp).
 - GroupNorm(+SiLU) on every path its planner takes on an H100, an A100 and a 48 KB-shared-memory device
-  (fused, fused over a thread block cluster, the split path's three kernels) and GEGLU's epilogue, against
-  float64 (tests/emu/group_norm_geglu_emu.cpp).
+  (fused, fused over a thread block cluster, the split path's three kernels), GEGLU's epilogue and the
+  one-launch scheduler step, against float64 (tests/emu/kernels_emu.cpp).
 
 What this cannot show: that a card reads wgmma's shared-memory layouts as the PTX ISA describes them
 (bench/hopper checks that on a card), and speed.
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "emu"))
 import emu_build  # noqa: E402
 
 ATTENTION_RUNS = 54  # every (case, configuration) attention_emu.cpp checks
-NORM_CASES = 16  # group_norm_geglu_emu.cpp's cases
-NORM_SOURCES = ["group_norm.cu", "geglu.cu"]
+NORM_CASES = 22  # kernels_emu.cpp's cases
+NORM_SOURCES = ["group_norm.cu", "geglu.cu", "scheduler_step.cu"]
 TIMINGS = ["eager", "late", "random 1", "random 2"]
 
 pytestmark = [
@@ -53,7 +53,7 @@ def attention_emu(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def norm_emu(tmp_path_factory):
-    return emu_build.build(tmp_path_factory.mktemp("norm"), "group_norm_geglu_emu.cpp", NORM_SOURCES)
+    return emu_build.build(tmp_path_factory.mktemp("norm"), "kernels_emu.cpp", NORM_SOURCES)
 
 
 @pytest.mark.parametrize("timing", TIMINGS)
@@ -68,8 +68,8 @@ def test_hopper_attention_matches_float64_on_the_emulator(attention_emu, timing)
 
 
 @pytest.mark.parametrize("timing", TIMINGS)
-def test_group_norm_and_geglu_match_float64_on_the_emulator(norm_emu, timing):
-    """Each case also checks which path the planner took (one fused launch, its cluster size, or the split
+def test_group_norm_geglu_and_step_match_float64_on_the_emulator(norm_emu, timing):
+    """Each GroupNorm case also checks which path the planner took (one fused launch, its cluster size, or the split
     path's three launches), so a planner change that skips a path fails here instead of going untested."""
     out = run(norm_emu, timing)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
@@ -77,7 +77,7 @@ def test_group_norm_and_geglu_match_float64_on_the_emulator(norm_emu, timing):
 
 
 # (file under csrc/cuda, the kernel's text, the bug, what the emulator must say): each a mistake these kernels
-# invite. The attention ones run on attention_emu in the late timing, the others on group_norm_geglu_emu.
+# invite. The attention ones run on attention_emu in the late timing, the others on kernels_emu.
 ATTENTION_MUTANTS = {
     "descriptor strides swapped (LBO along M/N)": (
         "attention_sm90_mainloop.cuh", "return {static_cast<uint32_t>(rows) * 16, 128};",
@@ -121,6 +121,9 @@ NORM_MUTANTS = {
     "a vector crossing a channel row keeps the old channel": (
         "group_norm_kernels.cuh", "          sh[j] = s_shift[ch];\n          if (++col == a.HW) {",
         "          sh[j] = s_shift[ch];\n          if (++col > a.HW) {", r"1x96x7x9 .*: y\["),
+    "the step's leftover elements left to block 1": (
+        "scheduler_step.cu", "if (blockIdx.x == 0 && static_cast<int64_t>(threadIdx.x) < tail) {",
+        "if (blockIdx.x == 1 && static_cast<int64_t>(threadIdx.x) < tail) {", r"scheduler_step .*: element 100[0-2] "),
 }
 
 
@@ -134,9 +137,9 @@ def test_the_emulator_catches_a_seeded_attention_bug(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", NORM_MUTANTS)
-def test_the_emulator_catches_a_seeded_group_norm_bug(tmp_path, name):
+def test_the_emulator_catches_a_seeded_bug_in_the_other_kernels(tmp_path, name):
     file, old, new, expected = NORM_MUTANTS[name]
-    exe = emu_build.build(tmp_path, "group_norm_geglu_emu.cpp", NORM_SOURCES, mutation=(file, old, new), opt="-O0")
+    exe = emu_build.build(tmp_path, "kernels_emu.cpp", NORM_SOURCES, mutation=(file, old, new), opt="-O0")
     out = run(exe, "random 1")  # a missing barrier needs warps at different paces
     assert out.returncode != 0, f"the emulator passed a kernel with a seeded bug ({name})"
     assert re.search(expected, out.stdout), out.stdout[-3000:]

@@ -223,7 +223,6 @@ void rendezvous(Rendezvous& r, int count, const char* what, F&& once) {
   wait_until([&] { return r.gen != gen; }, what);
 }
 
-
 inline void sync_block() {
   Block& b = *cur_block();
   rendezvous(b.block_rv, static_cast<int>(b.nthreads), "__syncthreads", [] {});
@@ -257,7 +256,7 @@ inline void check_global(const unsigned char* p, size_t bytes, const char* what)
   for (const Range& r : global_ranges()) {
     if (p >= r.lo && p + bytes <= r.hi) return;
   }
-  fail(std::string(what) + ": global read outside every tensor");
+  fail(std::string(what) + ": global memory access outside every tensor");
 }
 
 inline void mark_writes(uint32_t dst, uint32_t bytes, int delta, const char* what) {

@@ -1,12 +1,14 @@
-// Runs sdcore's GroupNorm(+SiLU) and GEGLU CUDA kernels (csrc/cuda/group_norm.cu, geglu.cu) on the SIMT
-// emulator (simt.h), through their host entry points (launch.h), against float64 references: every path of
+// Runs sdcore's GroupNorm(+SiLU), GEGLU and scheduler-step CUDA kernels (csrc/cuda/group_norm.cu, geglu.cu,
+// scheduler_step.cu) on the SIMT emulator (simt.h), through their host entry points (launch.h), against
+// float64 references: every path of
 // the GroupNorm planner (fused with one block per group, fused over a thread block cluster, the cluster
 // refused and the fallback, the split path's NCHW, channels_last tile and wide-C row kernels) on the cards it
 // plans for (an H100, an A100, a device with 48 KB of shared memory), fp32/fp16/bf16, weights as float32 or in
 // the input's dtype, vectors that cross channel rows; GEGLU with and without bias, vectorized or not, strided
-// rows. Outputs must match within the dtype's rounding, and nothing outside them may change.
+// rows; the step with guidance, 0-4 history terms, noise, clipping, a state output and a tail shorter than a
+// vector. Outputs must match within the dtype's rounding, and nothing outside them may change.
 // tests/test_cuda_emulated.py builds it with g++ (tests/emu/emu_build.py), no CUDA toolkit, no GPU.
-//   group_norm_geglu_emu [eager|late|random] [seed]    one line per case and "OK: N cases", or the failure
+//   kernels_emu [eager|late|random] [seed]    one line per case and "OK: N cases", or the failure
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -81,6 +83,11 @@ void fill_sentinel(Buffer<T>& b) {
   std::memset(b.raw.data(), 0x7f, b.raw.size() * sizeof(uint4));
 }
 template <typename T>
+bool untouched(const T& v) {
+  const auto* p = reinterpret_cast<const unsigned char*>(&v);
+  return std::all_of(p, p + sizeof(T), [](unsigned char c) { return c == 0x7f; });
+}
+template <typename T>
 void check_guard(Buffer<T>& b, const std::string& what) {
   const auto* p = reinterpret_cast<const unsigned char*>(b.data() + b.n);
   const auto* end = reinterpret_cast<const unsigned char*>(b.raw.data() + b.raw.size());
@@ -104,6 +111,11 @@ emu::Device a100() {
 emu::Device small_smem() {  // 48 KB per block: mid-sized groups take the split path
   emu::Device d = a100();
   d.smem_optin = 48 * 1024;
+  return d;
+}
+emu::Device two_sms() {  // one wave is 16 blocks of 256 threads: the grid-stride loops go round
+  emu::Device d;
+  d.sms = 2;
   return d;
 }
 
@@ -215,13 +227,13 @@ void group_norm_case(const char* device_name, const emu::Device& dev, int B, int
 double gelu(double x) { return 0.5 * x * (1.0 + std::erf(x / std::sqrt(2.0))); }
 
 template <typename T>
-void geglu_case(int64_t rows, int64_t F, int64_t h_stride, bool bias, uint64_t seed) {
+void geglu_case(const emu::Device& dev, int64_t rows, int64_t F, int64_t h_stride, bool bias, uint64_t seed) {
   char buf[160];
   std::snprintf(buf, sizeof(buf), "geglu %s rows %lld F %lld stride %lld%s", name_of<T>(), (long long)rows,
                 (long long)F, (long long)h_stride, bias ? " +bias" : "");
   const std::string what = buf;
   emu::case_label() = what;
-  emu::device() = h100();
+  emu::device() = dev;
   std::mt19937_64 gen(seed);
   std::uniform_real_distribution<double> dist(-3.0, 3.0);
   Buffer<T> h(size_t(rows) * h_stride), b(2 * size_t(F)), out(size_t(rows) * F);
@@ -249,6 +261,86 @@ void geglu_case(int64_t rows, int64_t F, int64_t h_stride, bool bias, uint64_t s
                   ", want " + std::to_string(ref));
       }
       max_err = std::max(max_err, e);
+    }
+  }
+  std::printf("%-86s %zu launch(es), err %.1e\n", what.c_str(), emu::launch_log().size(), max_err);
+  std::fflush(stdout);
+  ++g_cases;
+}
+
+// One denoising step (StepCoeffs in common/params.h), in float64 from the same inputs.
+template <typename T>
+void step_case(const emu::Device& dev, int64_t numel, size_t misalign, bool cfg, int n_hist, bool noise, bool state,
+               float clip, uint64_t seed) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "scheduler_step %s numel %lld%s%s hist %d%s%s%s", name_of<T>(), (long long)numel,
+                misalign ? " misaligned" : "", cfg ? " cfg" : "", n_hist, noise ? " noise" : "",
+                state ? " state" : "", clip > 0 ? " clip" : "");
+  const std::string what = buf;
+  emu::case_label() = what;
+  emu::device() = dev;
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<double> dist(-2.0, 2.0);
+  auto coef = [&] { return static_cast<float>(dist(gen)); };
+  // Inputs start `misalign` elements into their buffers: off 16 bytes, the kernel must take VEC = 1.
+  std::vector<Buffer<T>> in;
+  const int n_in = 3 + sdcore::kMaxStepHistory;  // model output (2 x numel), sample, noise, history
+  for (int i = 0; i < n_in; ++i) in.emplace_back((i == 0 ? 2 : 1) * size_t(numel) + misalign);
+  for (auto& b : in)
+    for (size_t i = 0; i < b.n; ++i) b[i] = from_double<T>(dist(gen));
+  Buffer<T> out(size_t(numel) + misalign), st(size_t(numel) + misalign);
+  fill_sentinel(out);
+  fill_sentinel(st);
+  emu::global_ranges() = {out.range(), st.range()};
+  for (auto& b : in) emu::global_ranges().push_back(b.range());
+
+  sdcore::StepParams p{};
+  p.model_output = in[0].data() + misalign;
+  p.sample = in[1].data() + misalign;
+  p.noise = noise ? in[2].data() + misalign : nullptr;
+  for (int k = 0; k < sdcore::kMaxStepHistory; ++k) p.history[k] = k < n_hist ? in[3 + k].data() + misalign : nullptr;
+  p.out = out.data() + misalign;
+  p.state = state ? st.data() + misalign : nullptr;
+  p.numel = numel;
+  p.cfg = cfg;
+  p.guidance_scale = 7.5f;
+  sdcore::StepCoeffs& c = p.c;
+  c.x0_x = coef(), c.x0_m = coef(), c.clip = clip;
+  c.out_x = coef(), c.out_m = coef(), c.out_x0 = coef(), c.out_noise = noise ? coef() : 0.0f;
+  c.st_x = coef(), c.st_m = coef(), c.st_x0 = coef();
+  for (int k = 0; k < sdcore::kMaxStepHistory; ++k) c.hist[k] = k < n_hist ? coef() : 0.0f;
+  c.n_hist = n_hist;
+  p.dtype = dtype_of<T>();
+  emu::launch_log().clear();
+  const cudaError_t err = sdcore::cuda::scheduler_step(p, nullptr);
+  if (err != cudaSuccess) emu::fail(what + ": scheduler_step returned " + cudaGetErrorString(err));
+  check_guard(out, what);
+  check_guard(st, what);
+  for (size_t i = 0; i < misalign; ++i) {
+    if (!untouched(out[i]) || !untouched(st[i])) emu::fail(what + ": wrote before the start of its output");
+  }
+  auto v = [&](int buffer, int64_t i) { return to_double(in[buffer][misalign + i]); };
+  double max_err = 0.0;
+  for (int64_t i = 0; i < numel; ++i) {
+    const double m = cfg ? v(0, i) + 7.5 * (v(0, numel + i) - v(0, i)) : v(0, i), x = v(1, i);
+    double x0 = double(c.x0_x) * x + double(c.x0_m) * m;
+    if (clip > 0) x0 = std::clamp(x0, -double(clip), double(clip));
+    double o = double(c.out_x) * x + double(c.out_m) * m + double(c.out_x0) * x0 + (noise ? c.out_noise * v(2, i) : 0.0);
+    for (int k = 0; k < n_hist; ++k) o += double(c.hist[k]) * v(3 + k, i);
+    const double s = double(c.st_x) * x + double(c.st_m) * m + double(c.st_x0) * x0;
+    // The kernel works in fp32 on terms up to ~100: relative to the largest term, not to the result.
+    const double scale = std::max({1.0, std::fabs(m) * 4, std::fabs(x0) * 2});
+    const double e = std::max(std::fabs(to_double(out[misalign + i]) - o) / std::max(scale, std::fabs(o)),
+                              state ? std::fabs(to_double(st[misalign + i]) - s) / std::max(scale, std::fabs(s)) : 0.0);
+    if (!(e <= tolerance<T>())) {
+      emu::fail(what + ": element " + std::to_string(i) + " out " + std::to_string(to_double(out[misalign + i])) +
+                ", want " + std::to_string(o));
+    }
+    max_err = std::max(max_err, e);
+  }
+  if (!state) {
+    for (size_t i = 0; i < st.n; ++i) {
+      if (!untouched(st[i])) emu::fail(what + ": wrote a state nobody asked for");
     }
   }
   std::printf("%-86s %zu launch(es), err %.1e\n", what.c_str(), emu::launch_log().size(), max_err);
@@ -292,10 +384,18 @@ int main(int argc, char** argv) {
   group_norm_case<__nv_bfloat16>("48 KB smem", small_smem(), 2, 48, 31, 33, 2, false, false, none, kSplit, seed);
   group_norm_case<float>("48 KB smem", small_smem(), 1, 8192, 8, 8, 32, true, false, f32, kSplit, seed);
 
-  geglu_case<float>(37, 40, 80, true, seed);
-  geglu_case<__half>(19, 64, 136, true, seed);  // rows 136 apart: a strided view of a wider GEMM output
-  geglu_case<__nv_bfloat16>(7, 24, 48, false, seed);
-  geglu_case<__half>(5, 13, 26, true, seed);  // F odd: one element per thread
+  geglu_case<float>(h100(), 37, 40, 80, true, seed);
+  geglu_case<__half>(h100(), 19, 64, 136, true, seed);  // rows 136 apart: a strided view of a wider GEMM output
+  geglu_case<__nv_bfloat16>(h100(), 7, 24, 48, false, seed);
+  geglu_case<__half>(h100(), 5, 13, 26, true, seed);  // F odd: one element per thread
+  geglu_case<float>(two_sms(), 1100, 64, 128, true, seed);
+
+  // Vectors of 16 bytes need every pointer aligned, the conditional half of a guided model output included.
+  step_case<float>(h100(), 1003, 0, false, 2, true, true, 1.0f, seed);  // 3 elements past the last vector of 4
+  step_case<__half>(h100(), 517, 1, false, 4, false, true, 0.0f, seed);  // misaligned: one element per thread
+  step_case<__nv_bfloat16>(h100(), 4104, 0, true, 0, true, false, 0.0f, seed);  // guided, vectors of 8
+  step_case<__half>(h100(), 1001, 0, true, 1, false, true, 0.0f, seed);  // guided, cond half misaligned
+  step_case<float>(two_sms(), 70001, 0, false, 3, false, true, 0.0f, seed);
   std::printf("OK: %d cases\n", g_cases);
   return 0;
 }
