@@ -108,9 +108,36 @@ inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
 
-inline float __half2float(__half h) { return static_cast<float>(std::bit_cast<_Float16>(h.x)); }
-inline __half __float2half_rn(float x) {  // the IEEE conversion: round to nearest even
-  return {std::bit_cast<uint16_t>(static_cast<_Float16>(x))};
+// IEEE binary16 <-> binary32 by hand (no _Float16: older g++ lacks it), rounding to nearest even.
+inline float __half2float(__half h) {
+  const uint32_t sign = uint32_t(h.x & 0x8000u) << 16, exp = (h.x >> 10) & 0x1fu, mant = h.x & 0x3ffu;
+  if (exp == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mant << 13));  // inf, NaN
+  if (exp == 0) {                                                                  // zero, subnormal
+    const float f = std::ldexp(static_cast<float>(mant), -24);
+    return sign ? -f : f;
+  }
+  return std::bit_cast<float>(sign | ((exp + 112) << 23) | (mant << 13));
+}
+inline __half __float2half_rn(float f) {
+  const uint32_t x = std::bit_cast<uint32_t>(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t exp = (x >> 23) & 0xffu;
+  uint32_t mant = x & 0x7fffffu;
+  if (exp == 0xff) return {static_cast<uint16_t>(sign | 0x7c00u | (mant ? 0x200u | (mant >> 13) : 0u))};
+  const int e = static_cast<int>(exp) - 112;  // the half's biased exponent
+  if (e >= 31) return {static_cast<uint16_t>(sign | 0x7c00u)};
+  int shift = 13;
+  uint32_t base = static_cast<uint32_t>(e) << 10;
+  if (e <= 0) {  // a subnormal half (or zero): the implicit bit joins the mantissa
+    if (e < -10) return {sign};
+    mant |= 0x800000u;
+    shift = 14 - e;
+    base = 0;
+  }
+  uint32_t h = base | (mant >> shift);
+  const uint32_t rem = mant & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+  if (rem > halfway || (rem == halfway && (h & 1u))) ++h;  // a carry may step into the exponent: right
+  return {static_cast<uint16_t>(sign | h)};
 }
 
 inline float __bfloat162float(__nv_bfloat16 b) { return std::bit_cast<float>(uint32_t(b.x) << 16); }
