@@ -20,7 +20,9 @@
 //      both tests; cp.async first, so that a TMA pipeline bug (its barrier waits trap after ~9 s instead of
 //      hanging) still leaves the other numbers.
 // The library's own tests (tests/test_attention.py with SDCORE_CUDA_ATTENTION=sm90) then cover bf16, strides,
-// causal masks and awkward sizes.
+// causal masks and awkward sizes. The kernels' pipeline, masking and index math already pass on a host emulator
+// (tests/test_cuda_emulated.py), which reads the layouts as steps 1 and 2 assume: a failure there is the place
+// to look first.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
