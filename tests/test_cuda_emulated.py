@@ -77,6 +77,17 @@ def test_group_norm_geglu_and_step_match_float64_on_the_emulator(norm_emu, timin
     assert out.stdout.rstrip().endswith(f"OK: {NORM_CASES} cases"), out.stdout[-2000:]
 
 
+@pytest.mark.parametrize("driver", ["attention_emu.cpp", "kernels_emu.cpp"])
+def test_the_kernels_are_clean_under_address_and_ub_sanitizers(tmp_path, driver):
+    """The emulator checks what goes through its primitives (shared memory, cp.async, TMA, st.global); a plain
+    pointer access in a kernel is seen by AddressSanitizer instead (the inputs end where the tensor ends), and
+    undefined behaviour (an overflowing shift or index, a misaligned access) by UBSan."""
+    exe = emu_build.build(tmp_path, driver, NORM_SOURCES if driver == "kernels_emu.cpp" else [], sanitize=True)
+    out = run(exe, "eager")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "runtime error" not in out.stderr and "ERROR: AddressSanitizer" not in out.stderr, out.stderr[-3000:]
+
+
 # (file under csrc/cuda, the kernel's text, the bug, what the emulator must say): each a mistake these kernels
 # invite. The attention ones run on attention_emu in the late timing, the others on kernels_emu.
 ATTENTION_MUTANTS = {

@@ -60,13 +60,17 @@ def scratch_tree(dst: Path, mutation: tuple[str, str, str] | None = None) -> Pat
     return cuda
 
 
-def build(tmp: Path, driver: str, kernel_sources: list[str] = (), mutation=None, opt: str = "-O1") -> Path:
-    """Compiles tests/emu/<driver> with device.cpp and the scratch copies of csrc/cuda's kernel_sources."""
+def build(tmp: Path, driver: str, kernel_sources: list[str] = (), mutation=None, opt: str = "-O1",
+          sanitize: bool = False) -> Path:
+    """Compiles tests/emu/<driver> with device.cpp and the scratch copies of csrc/cuda's kernel_sources.
+    sanitize: with AddressSanitizer and UndefinedBehaviorSanitizer, whose first report ends the run."""
     cuda = scratch_tree(tmp / "tree", mutation)
     exe = tmp / Path(driver).stem
     cmd = ["g++", "-std=c++20", opt, "-D__CUDA_ARCH__=900", "-D__CUDA_ARCH_FEAT_SM90_ALL", "-Wall",
            "-Wno-unknown-pragmas", "-Wno-psabi", "-I", str(EMU / "include"), "-I", str(EMU), "-I", str(cuda),
            str(EMU / driver), str(EMU / "device.cpp")]
+    if sanitize:
+        cmd += ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
     if kernel_sources:
         cmd += ["-x", "c++", *[str(cuda / s) for s in kernel_sources]]
     run = subprocess.run(cmd + ["-o", str(exe)], capture_output=True, text=True)

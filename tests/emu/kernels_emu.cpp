@@ -65,11 +65,14 @@ double tolerance() {
 
 constexpr size_t kGuard = 64;  // elements past each output, which must keep their sentinel
 
+// 16-byte aligned storage of `n` elements: an input ends there (so that AddressSanitizer builds see a read past
+// it), an output has a guard band after it.
 template <typename T>
-struct Buffer {  // 16-byte aligned storage with a guard band after `n` elements
+struct Buffer {
   std::vector<uint4> raw;
   size_t n;
-  explicit Buffer(size_t count) : raw((count + kGuard) * sizeof(T) / 16 + 2), n(count) {}
+  explicit Buffer(size_t count, bool guard = false)
+      : raw(((count + (guard ? kGuard : 0)) * sizeof(T) + 15) / 16), n(count) {}
   T* data() { return reinterpret_cast<T*>(raw.data()); }
   T& operator[](size_t i) { return data()[i]; }
   emu::Range range() {
@@ -146,7 +149,7 @@ void group_norm_case(const char* device_name, const emu::Device& dev, int B, int
 
   std::mt19937_64 gen(seed);
   std::uniform_real_distribution<double> dist(-2.0, 2.0);
-  Buffer<T> x(n), y(n);
+  Buffer<T> x(n), y(n, true);
   const double offset = 7.0;  // |mean| >> std: the kernels' shifted sums must keep their precision
   for (size_t i = 0; i < n; ++i) x[i] = from_double<T>(offset + dist(gen));
   fill_sentinel(y);
@@ -236,7 +239,7 @@ void geglu_case(const emu::Device& dev, int64_t rows, int64_t F, int64_t h_strid
   emu::device() = dev;
   std::mt19937_64 gen(seed);
   std::uniform_real_distribution<double> dist(-3.0, 3.0);
-  Buffer<T> h(size_t(rows) * h_stride), b(2 * size_t(F)), out(size_t(rows) * F);
+  Buffer<T> h(size_t(rows) * h_stride), b(2 * size_t(F)), out(size_t(rows) * F, true);
   for (size_t i = 0; i < h.n; ++i) h[i] = from_double<T>(dist(gen));
   for (size_t i = 0; i < b.n; ++i) b[i] = from_double<T>(dist(gen));
   fill_sentinel(out);
@@ -288,7 +291,7 @@ void step_case(const emu::Device& dev, int64_t numel, size_t misalign, bool cfg,
   for (int i = 0; i < n_in; ++i) in.emplace_back((i == 0 ? 2 : 1) * size_t(numel) + misalign);
   for (auto& b : in)
     for (size_t i = 0; i < b.n; ++i) b[i] = from_double<T>(dist(gen));
-  Buffer<T> out(size_t(numel) + misalign), st(size_t(numel) + misalign);
+  Buffer<T> out(size_t(numel) + misalign, true), st(size_t(numel) + misalign, true);
   fill_sentinel(out);
   fill_sentinel(st);
   emu::global_ranges() = {out.range(), st.range()};
