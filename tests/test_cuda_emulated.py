@@ -32,12 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "emu"))
 import emu_build  # noqa: E402
 
 ATTENTION_RUNS = 60  # every (case, configuration) attention_emu.cpp checks
-NORM_CASES = 22  # kernels_emu.cpp's cases
-NORM_SOURCES = ["group_norm.cu", "geglu.cu", "scheduler_step.cu"]
+KERNELS_CASES = 22  # kernels_emu.cpp's cases
+KERNELS_SOURCES = ["group_norm.cu", "geglu.cu", "scheduler_step.cu"]
 TIMINGS = ["eager", "late", "random 1", "random 2"]
 
 pytestmark = [
-    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulator's threads are ucontext fibers (Linux)"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"),
+                       reason="the emulator's threads are ucontext fibers (Linux)"),
     pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulator with"),
 ]
 
@@ -52,8 +53,8 @@ def attention_emu(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def norm_emu(tmp_path_factory):
-    return emu_build.build(tmp_path_factory.mktemp("norm"), "kernels_emu.cpp", NORM_SOURCES)
+def kernels_emu(tmp_path_factory):
+    return emu_build.build(tmp_path_factory.mktemp("kernels"), "kernels_emu.cpp", KERNELS_SOURCES)
 
 
 @pytest.mark.parametrize("timing", TIMINGS)
@@ -69,12 +70,12 @@ def test_hopper_attention_matches_float64_on_the_emulator(attention_emu, timing)
 
 
 @pytest.mark.parametrize("timing", TIMINGS)
-def test_group_norm_geglu_and_step_match_float64_on_the_emulator(norm_emu, timing):
-    """Each GroupNorm case also checks which path the planner took (one fused launch, its cluster size, or the split
-    path's three launches), so a planner change that skips a path fails here instead of going untested."""
-    out = run(norm_emu, timing)
+def test_group_norm_geglu_and_step_match_float64_on_the_emulator(kernels_emu, timing):
+    """Each GroupNorm case also checks which path the planner took (one fused launch, its cluster size, or the
+    split path's three launches), so a planner change that skips a path fails here instead of going untested."""
+    out = run(kernels_emu, timing)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert out.stdout.rstrip().endswith(f"OK: {NORM_CASES} cases"), out.stdout[-2000:]
+    assert out.stdout.rstrip().endswith(f"OK: {KERNELS_CASES} cases"), out.stdout[-2000:]
 
 
 @pytest.mark.parametrize("driver", ["attention_emu.cpp", "kernels_emu.cpp"])
@@ -82,7 +83,7 @@ def test_the_kernels_are_clean_under_address_and_ub_sanitizers(tmp_path, driver)
     """The emulator checks what goes through its primitives (shared memory, cp.async, TMA, st.global); a plain
     pointer access in a kernel is seen by AddressSanitizer instead (the inputs end where the tensor ends), and
     undefined behaviour (an overflowing shift or index, a misaligned access) by UBSan."""
-    exe = emu_build.build(tmp_path, driver, NORM_SOURCES if driver == "kernels_emu.cpp" else [], sanitize=True)
+    exe = emu_build.build(tmp_path, driver, KERNELS_SOURCES if driver == "kernels_emu.cpp" else [], sanitize=True)
     out = run(exe, "eager")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "runtime error" not in out.stderr and "ERROR: AddressSanitizer" not in out.stderr, out.stderr[-3000:]
@@ -118,7 +119,7 @@ ATTENTION_MUTANTS = {
         "attention_sm90_mainloop.cuh", "      wgmma_commit();\n      turn.pass();\n      wgmma_wait<1>();",
         "      wgmma_commit();\n      wgmma_wait<1>();", r"deadlock: no thread can move"),
 }
-NORM_MUTANTS = {
+KERNELS_MUTANTS = {
     "cluster merge reads rank 0 for every rank": (
         "group_norm_kernels.cuh", "cluster.map_shared_rank(part, static_cast<unsigned>(r));",
         "cluster.map_shared_rank(part, 0u);", r"group_norm fp32 1x64x96x96 .* on H100: y\["),
@@ -148,10 +149,10 @@ def test_the_emulator_catches_a_seeded_attention_bug(tmp_path, name):
     assert re.search(expected, out.stdout), out.stdout[-3000:]
 
 
-@pytest.mark.parametrize("name", NORM_MUTANTS)
+@pytest.mark.parametrize("name", KERNELS_MUTANTS)
 def test_the_emulator_catches_a_seeded_bug_in_the_other_kernels(tmp_path, name):
-    file, old, new, expected = NORM_MUTANTS[name]
-    exe = emu_build.build(tmp_path, "kernels_emu.cpp", NORM_SOURCES, mutation=(file, old, new), opt="-O0")
+    file, old, new, expected = KERNELS_MUTANTS[name]
+    exe = emu_build.build(tmp_path, "kernels_emu.cpp", KERNELS_SOURCES, mutation=(file, old, new), opt="-O0")
     out = run(exe, "random 1")  # a missing barrier needs warps at different paces
     assert out.returncode != 0, f"the emulator passed a kernel with a seeded bug ({name})"
     assert re.search(expected, out.stdout), out.stdout[-3000:]

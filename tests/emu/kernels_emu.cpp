@@ -162,9 +162,10 @@ void group_norm_case(const char* device_name, const emu::Device& dev, int B, int
 
   sdcore::GroupNormParams p{};
   p.x = x.data(), p.y = y.data();
-  p.gamma = affine == Affine::kNone ? nullptr : affine == Affine::kFloat32 ? static_cast<const void*>(gf.data()) : gt.data();
-  p.beta = affine == Affine::kNone ? nullptr : affine == Affine::kFloat32 ? static_cast<const void*>(bf.data()) : bt.data();
-  p.affine_float32 = affine == Affine::kFloat32;
+  const bool f32 = affine == Affine::kFloat32;
+  p.gamma = affine == Affine::kNone ? nullptr : f32 ? static_cast<const void*>(gf.data()) : gt.data();
+  p.beta = affine == Affine::kNone ? nullptr : f32 ? static_cast<const void*>(bf.data()) : bt.data();
+  p.affine_float32 = f32;
   p.batch = B, p.channels = C, p.hw = HW, p.groups = G;
   p.eps = 1e-5f;
   p.silu = silu;
@@ -179,7 +180,7 @@ void group_norm_case(const char* device_name, const emu::Device& dev, int B, int
   if (p.gamma != nullptr) {
     const auto* g = static_cast<const unsigned char*>(p.gamma);
     const auto* b = static_cast<const unsigned char*>(p.beta);
-    const size_t bytes = size_t(C) * (affine == Affine::kFloat32 ? 4 : sizeof(T));
+    const size_t bytes = size_t(C) * (f32 ? 4 : sizeof(T));
     emu::global_ranges().push_back({g, g + bytes});
     emu::global_ranges().push_back({b, b + bytes});
   }
@@ -194,7 +195,9 @@ void group_norm_case(const char* device_name, const emu::Device& dev, int B, int
   }
   check_guard(y, what);
 
-  auto at = [&](int b, int c, int pix) { return size_t(b) * C * HW + (cl ? size_t(pix) * C + c : size_t(c) * HW + pix); };
+  auto at = [&](int b, int c, int pix) {
+    return size_t(b) * C * HW + (cl ? size_t(pix) * C + c : size_t(c) * HW + pix);
+  };
   double max_err = 0.0;
   for (int b = 0; b < B; ++b) {
     for (int g = 0; g < G; ++g) {
@@ -328,7 +331,8 @@ void step_case(const emu::Device& dev, int64_t numel, size_t misalign, bool cfg,
     const double m = cfg ? v(0, i) + 7.5 * (v(0, numel + i) - v(0, i)) : v(0, i), x = v(1, i);
     double x0 = double(c.x0_x) * x + double(c.x0_m) * m;
     if (clip > 0) x0 = std::clamp(x0, -double(clip), double(clip));
-    double o = double(c.out_x) * x + double(c.out_m) * m + double(c.out_x0) * x0 + (noise ? c.out_noise * v(2, i) : 0.0);
+    double o = double(c.out_x) * x + double(c.out_m) * m + double(c.out_x0) * x0;
+    if (noise) o += double(c.out_noise) * v(2, i);
     for (int k = 0; k < n_hist; ++k) o += double(c.hist[k]) * v(3 + k, i);
     const double s = double(c.st_x) * x + double(c.st_m) * m + double(c.st_x0) * x0;
     // The kernel works in fp32 on terms up to ~100: relative to the largest term, not to the result.
