@@ -1,14 +1,14 @@
 // Host-only check (no GPU) that the Hopper attention's TMA tensor maps land tiles in the shared-memory layout
-// its main loop reads (attn::core_offset), for SD's head dims, strided views, tails and padding. It replays a
-// box copy as the PTX ISA defines it: box elements fill shared memory in order, dimension 0 innermost; an
-// element whose coordinate leaves the tensor in any dimension is zero. tests/test_build.py compiles and runs
-// it; it prints "OK" and exits 0, or names the first wrong element.
+// its main loop reads (attn::core_offset), for SD's head dims, strided views, tails and padding. It replays each
+// box copy as the PTX ISA defines it (tests/emu/tma_box.h, which the host emulator's copies use too).
+// tests/test_build.py compiles and runs it; it prints "OK" and exits 0, or names the first wrong element.
 #include <cstdint>
 #include <cstdio>
 #include <vector>
 
 #include "../csrc/cuda/attention_sm90_mainloop.cuh"
 #include "../csrc/cuda/tensor_map.h"
+#include "emu/tma_box.h"
 
 using sdcore::cuda::HeadTileMapLayout;
 using sdcore::cuda::head_tile_map_layout;
@@ -26,25 +26,10 @@ const void* kBase = reinterpret_cast<const void*>(uintptr_t(1) << 20);  // a 16-
 
 // The source element index each shared-memory element of the box at (row0, head, batch) receives (-1: zero).
 std::vector<int64_t> replay(const HeadTileMapLayout& l, int64_t row0, int64_t h, int64_t b) {
-  const int64_t coord0[5] = {0, row0, 0, h, b};
-  const int64_t stride_el[5] = {1, int64_t(l.strides[0] / 2), int64_t(l.strides[1] / 2), int64_t(l.strides[2] / 2),
-                                int64_t(l.strides[3] / 2)};
+  const int64_t coord[5] = {0, row0, 0, h, b};
   std::vector<int64_t> smem;
-  for (uint32_t i4 = 0; i4 < l.box[4]; ++i4)
-    for (uint32_t i3 = 0; i3 < l.box[3]; ++i3)
-      for (uint32_t i2 = 0; i2 < l.box[2]; ++i2)
-        for (uint32_t i1 = 0; i1 < l.box[1]; ++i1)
-          for (uint32_t i0 = 0; i0 < l.box[0]; ++i0) {
-            const int64_t idx[5] = {i0, i1, i2, i3, i4};
-            int64_t src = 0;
-            bool inside = true;
-            for (int k = 0; k < 5; ++k) {
-              const int64_t c = coord0[k] + idx[k];
-              inside = inside && c < int64_t(l.dims[k]);
-              src += c * stride_el[k];
-            }
-            smem.push_back(inside ? src : -1);
-          }
+  for_each_box_element(l.dims, l.strides, l.box, coord,
+                       [&](int64_t byte) { smem.push_back(byte < 0 ? -1 : byte / 2); });
   return smem;
 }
 

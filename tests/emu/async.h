@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "state.h"
+#include "tma_box.h"
 
 namespace emu {
 
@@ -143,27 +144,15 @@ inline void tma_land(TmaJob& j) {
   Block& b = *cur_block();
   const TensorMapRecord& m = j.map;
   unsigned char* out = b.smem.data() + j.dst;
-  for (uint32_t i4 = 0; i4 < m.box[4]; ++i4)
-    for (uint32_t i3 = 0; i3 < m.box[3]; ++i3)
-      for (uint32_t i2 = 0; i2 < m.box[2]; ++i2)
-        for (uint32_t i1 = 0; i1 < m.box[1]; ++i1)
-          for (uint32_t i0 = 0; i0 < m.box[0]; ++i0) {
-            const uint32_t idx[5] = {i0, i1, i2, i3, i4};
-            bool inside = true;
-            int64_t byte = 0;
-            for (int k = 0; k < 5; ++k) {
-              const int64_t c = j.coord[k] + idx[k];
-              inside = inside && c >= 0 && c < static_cast<int64_t>(m.dims[k]);
-              byte += c * (k == 0 ? 2 : static_cast<int64_t>(m.strides[k - 1]));
-            }
-            if (inside) {
-              check_global(m.base + byte, 2, "TMA copy");
-              std::memcpy(out, m.base + byte, 2);
-            } else {
-              std::memset(out, 0, 2);
-            }
-            out += 2;
-          }
+  for_each_box_element(m.dims, m.strides, m.box, j.coord, [&](int64_t byte) {
+    if (byte >= 0) {
+      check_global(m.base + byte, 2, "TMA copy");
+      std::memcpy(out, m.base + byte, 2);
+    } else {
+      std::memset(out, 0, 2);
+    }
+    out += 2;
+  });
   mark_writes(j.dst, j.bytes, -1, "TMA copy");
   auto it = b.mbars.find(j.bar);
   if (it == b.mbars.end()) fail("TMA copy completes on an mbarrier that is gone");
