@@ -346,20 +346,9 @@ void special_values_case(bool causal, uint64_t seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string timing = argc > 1 ? argv[1] : "random";
-  const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1;
-  if (timing == "eager") {
-    emu::options().timing = emu::Timing::kEager;
-  } else if (timing == "late") {
-    emu::options().timing = emu::Timing::kLate;
-  } else if (timing == "random") {
-    emu::options().timing = emu::Timing::kRandom;
-  } else {
-    std::fprintf(stderr, "usage: %s [eager|late|random] [seed]\n", argv[0]);
-    return 2;
-  }
-  emu::rng().seed(seed);
-  std::printf("timing %s, seed %llu\n", timing.c_str(), static_cast<unsigned long long>(seed));
+  const int64_t arg = emu::init(argc, argv);
+  if (arg < 0) return 2;
+  const uint64_t seed = static_cast<uint64_t>(arg);
 
   // Awkward sizes: query and key counts off the tiles (one row past a 128-row block, a 65-key tail, 77 CLIP
   // tokens, one of each), causal masks, the UNet's fused layouts, and a layout no tensor map describes.

@@ -358,18 +358,9 @@ void step_case(const emu::Device& dev, int64_t numel, size_t misalign, bool cfg,
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::string timing = argc > 1 ? argv[1] : "random";
-  const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1;
-  if (timing == "eager" || timing == "late" || timing == "random") {
-    emu::options().timing = timing == "eager" ? emu::Timing::kEager
-                            : timing == "late" ? emu::Timing::kLate
-                                               : emu::Timing::kRandom;
-  } else {
-    std::fprintf(stderr, "usage: %s [eager|late|random] [seed]\n", argv[0]);
-    return 2;
-  }
-  emu::rng().seed(seed);
-  std::printf("timing %s, seed %llu\n", timing.c_str(), static_cast<unsigned long long>(seed));
+  const int64_t arg = emu::init(argc, argv);
+  if (arg < 0) return 2;
+  const uint64_t seed = static_cast<uint64_t>(arg);
 
   const Affine none = Affine::kNone, f32 = Affine::kFloat32, own = Affine::kInput;
   // Fused, one block per group: the UNet's shapes in small.

@@ -315,6 +315,21 @@ void launch(void (*kernel)(P...), Config c, A&&... args) {
   last_error() = cudaSuccess;
 }
 
+// A driver's command line, `[eager|late|random] [seed]`: sets the timing and seeds the scheduler. Returns the
+// seed (the drivers draw their inputs from it too), or -1 after printing the usage.
+inline int64_t init(int argc, char** argv) {
+  const std::string timing = argc > 1 ? argv[1] : "random";
+  const uint64_t seed = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1;
+  if (timing != "eager" && timing != "late" && timing != "random") {
+    std::fprintf(stderr, "usage: %s [eager|late|random] [seed]\n", argv[0]);
+    return -1;
+  }
+  options().timing = timing == "eager" ? Timing::kEager : timing == "late" ? Timing::kLate : Timing::kRandom;
+  rng().seed(seed);
+  std::printf("timing %s, seed %llu\n", timing.c_str(), static_cast<unsigned long long>(seed));
+  return static_cast<int64_t>(seed);
+}
+
 }  // namespace emu
 
 inline cudaError_t cudaGetLastError() {
